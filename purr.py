@@ -1,0 +1,692 @@
+"""purr: Purrception, variational flow matching over vector-quantized image latents.
+
+A frozen VQ tokenizer maps an image to code indices c (one per latent position) and to the latent
+z_1 = e_c. A DiT reads the interpolant z_t = t z_1 + (1 - t) z_0, z_0 ~ N(0, I), and predicts a
+categorical posterior pi over the K codebook vectors at every position (Eq. 12), trained with
+cross-entropy against c (Eq. 14). Sampling integrates the velocity (mu - z_t)/(1 - t) with
+mu = sum_k pi_k e_k (Eq. 13), pi = softmax(logits / tau) (Eq. 15), then decodes the nearest codes.
+
+    python purr.py train                      # built-in demo data + tiny tokenizer, a few CPU minutes
+    python purr.py sample --tau 0.8           # grid of samples from the newest checkpoint
+    torchrun --nproc_per_node=8 purr.py train --model XL/2 --data /imagenet/train --vq llamagen-vq-ds8 ...
+"""
+import argparse
+import copy
+import functools
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import vq as vqlib
+
+
+class PurrError(Exception):
+    """A problem with the user's input: printed as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT backbone (Peebles & Xie 2023) with a categorical head: K logits for every latent position.
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(dim, pos):
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    out = pos.reshape(-1, 1).double() * omega
+    return torch.cat([out.sin(), out.cos()], 1)
+
+
+def sincos_2d(dim, grid_size):
+    """DiT's fixed 2-D table: first half encodes the column, second half the row."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], 1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        # t in [0, 1] is embedded as 1000 t, so DiT's frequency range (max period 10^4) spans it.
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], 1))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero: the condition c regresses shift, scale and a zero-initialized gate per branch."""
+
+    def __init__(self, hidden, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        mlp = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, hidden))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, patch, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Input z [B,d,H,W], time t [B] in [0,1], labels y [B] (y = num_classes is the null class of
+    classifier-free guidance; the training loop drops labels). Output [B,H,W,out] channels-last:
+    out = K logits per position (Purrception, DFM) or d channels (the CFM baselines)."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, num_classes=1000, codebook_size=16384, out_channels=None):
+        super().__init__()
+        self.in_channels, self.num_classes, self.patch = in_channels, num_classes, patch_size
+        self.out_channels = out_channels or codebook_size
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
+        grid = input_size // patch_size
+        # Frozen but a parameter, as in DiT (so it is counted, and averaged by the EMA).
+        self.pos_embed = nn.Parameter(sincos_2d(hidden_size, grid)[None], requires_grad=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():  # ViT-style init everywhere, then DiT's special cases
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every residual branch starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, z, t, y):
+        B, _, H, W = z.shape
+        p = self.patch
+        x = self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final_layer(x, c).view(B, H // p, W // p, p, p, self.out_channels)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, self.out_channels)
+
+    def forward_with_cfg(self, z, t, y, cfg_scale):
+        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u)."""
+        if cfg_scale == 1.0:
+            return self(z, t, y)
+        null = torch.full_like(y, self.num_classes)
+        cond, uncond = self(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+
+DIT_SIZES = {"T": (6, 256, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DiT_models = {f"{name}/{p}": functools.partial(DiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
+              for name, (d, h, n) in DIT_SIZES.items() for p in ((1, 2) if name == "T" else (2, 4, 8))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The Purrception loss (Eq. 14) with z-loss (App. D).
+
+class CrossEntropyZ(torch.autograd.Function):
+    """Per-position cross-entropy -log pi_c and log Z for logits [N,K], in row chunks: keeps only the
+    logits (in their own dtype, bf16 under autocast) and log Z, never a full fp32 softmax."""
+
+    @staticmethod
+    def forward(ctx, logits, c, chunk):
+        log_z = torch.cat([torch.logsumexp(l.float(), 1) for l in logits.split(chunk)])
+        ce = log_z - logits.gather(1, c[:, None])[:, 0].float()
+        ctx.save_for_backward(logits, c, log_z)
+        ctx.chunk = chunk
+        return ce, log_z
+
+    @staticmethod
+    def backward(ctx, g_ce, g_log_z):
+        logits, c, log_z = ctx.saved_tensors
+        w = g_ce + g_log_z  # d ce/d l = pi - onehot(c), d log Z/d l = pi
+        grad = torch.empty_like(logits)
+        for s in range(0, len(logits), ctx.chunk):
+            e = s + ctx.chunk
+            grad[s:e] = (torch.exp(logits[s:e].float() - log_z[s:e, None]) * w[s:e, None]).to(grad.dtype)
+        grad.scatter_add_(1, c[:, None], -g_ce[:, None].to(grad.dtype))
+        return grad, None, None
+
+
+def purr_loss(logits, c, z_weight=1e-5, chunk=8192):
+    """Eq. 14: mean over positions of -log q(c | z_t), plus z_weight (log Z)^2. logits [...,K], c [...]."""
+    ce, log_z = CrossEntropyZ.apply(logits.reshape(-1, logits.shape[-1]), c.reshape(-1), chunk)
+    return ce.mean(), z_weight * log_z.pow(2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler (Eq. 13, 15; Algorithm 2).
+
+def posterior_mean(logits, codebook, tau):
+    """mu = sum_k pi_k e_k with pi = softmax(logits / tau) (Eq. 15). logits [B,h,w,K] -> mu [B,d,h,w]."""
+    pi = torch.softmax(logits.float() / tau, dim=-1)
+    return (pi @ codebook.float()).permute(0, 3, 1, 2)
+
+
+def make_velocity(model, codebook, y, tau, cfg_scale):
+    """v(z_t) = (mu(z_t) - z_t) / (1 - t) (Eq. 13). Guidance combines logits, not velocities: the
+    guided posterior stays a distribution over codes, so mu stays in the codebook's convex hull and
+    tau (Eq. 15) tempers the guided logits the same way it tempers unguided ones."""
+    def velocity(t, z):
+        tt = t.expand(len(z)).to(z)
+        mu = posterior_mean(model.forward_with_cfg(z, tt, y, cfg_scale), codebook, tau)
+        return (mu - z) / (1 - tt).view(-1, 1, 1, 1)
+    return velocity
+
+
+@torch.no_grad()
+def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler"):
+    """Algorithm 2 through torchdiffeq. The 1/(1-t) of Eq. 13 is singular at t = 1, so every solver
+    integrates on the grid t = s/T only up to t = (T-1)/T, where 1/(1-t) <= T; the last step is
+    Euler's, which lands exactly on mu (z + (1/T)(mu - z)/(1/T) = mu), as in Algorithm 2.
+    Adaptive solvers (dopri5) integrate [0, (T-1)/T] to their tolerance and then take that step."""
+    from torchdiffeq import odeint
+    v = make_velocity(model, codebook, y, tau, cfg_scale)
+    T = num_steps
+    z = z0
+    if T > 1:
+        grid = torch.arange(T, dtype=torch.float64) / T
+        grid = grid[[0, -1]] if method in ("dopri5", "dopri8", "bosh3", "adaptive_heun") else grid
+        z = odeint(v, z0, grid.to(z0.device, torch.float32), method=method, rtol=1e-4, atol=1e-4)[-1]
+    t_last = torch.tensor((T - 1) / T, device=z.device)
+    return z + v(t_last, z) / T
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the built-in demo images, image folders, tokens.
+
+DEMO_CLASSES = ["circle", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "star", "bars"]
+
+
+def draw_shape(draw, cls, cx, cy, r, color):
+    w = max(2, r // 2)  # stroke width of the line-drawn classes
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if cls == "circle":
+        draw.ellipse(box, fill=color)
+    elif cls == "square":
+        draw.rectangle(box, fill=color)
+    elif cls == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=color)
+    elif cls == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    elif cls == "plus":
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
+    elif cls == "cross":
+        draw.line((cx - r, cy - r, cx + r, cy + r), fill=color, width=2 * w)
+        draw.line((cx - r, cy + r, cx + r, cy - r), fill=color, width=2 * w)
+    elif cls == "ring":
+        draw.ellipse(box, outline=color, width=w)
+    elif cls == "frame":
+        draw.rectangle(box, outline=color, width=w)
+    elif cls == "star":
+        pts = [(cx + (r if i % 2 == 0 else r * 0.4) * math.sin(i * math.pi / 5),
+                cy - (r if i % 2 == 0 else r * 0.4) * math.cos(i * math.pi / 5)) for i in range(10)]
+        draw.polygon(pts, fill=color)
+    else:  # bars: three horizontal stripes
+        for k in (-1, 0, 1):
+            draw.rectangle((cx - r, cy + k * 2 * w - w // 2, cx + r, cy + k * 2 * w + w // 2), fill=color)
+
+
+def demo_dataset(n=10000, size=32, seed=0):
+    """Deterministic class-conditional images: one shape of a random colour, size and position on
+    black, drawn 4x larger and downsampled (anti-aliased). Returns uint8 [n,3,size,size], labels [n]."""
+    rng = np.random.default_rng(seed)
+    s = 4 * size
+    images = np.empty((n, size, size, 3), np.uint8)
+    labels = np.arange(n) % len(DEMO_CLASSES)
+    for i, cls in enumerate(labels):
+        r = int(rng.uniform(0.22, 0.4) * s)
+        cx, cy = rng.integers(r + 2, s - r - 2, size=2)
+        hue = rng.uniform(0, 6)
+        rgb = np.clip(np.abs((hue + np.array([0, 4, 2])) % 6 - 3) - 1, 0, 1)  # HSV with s = v = 1
+        color = tuple(int(v) for v in 255 * (0.3 + 0.7 * rgb))
+        im = Image.new("RGB", (s, s))
+        draw_shape(ImageDraw.Draw(im), DEMO_CLASSES[cls], int(cx), int(cy), r, color)
+        images[i] = np.asarray(im.resize((size, size), Image.LANCZOS))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+
+
+def to_unit(images):  # uint8 [0,255] -> float [-1,1]
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(x):  # float [-1,1] -> uint8 [0,255]
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
+
+
+def center_crop(img, size):
+    """ADM's center crop: halve with a box filter while the image is >= 2x too big, then bicubic."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
+    arr = np.asarray(img.convert("RGB"))
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """ImageNet layout: root/<class>/<image>; classes sorted by name. Items are (index, flip)."""
+
+    def __init__(self, root, size):
+        if not os.path.isdir(root):
+            raise PurrError(f"--data {root}: no such folder; give an image folder with one sub-folder per class")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.files = [(f, y) for y, d in enumerate(self.classes) for f in sorted(glob.glob(os.path.join(root, d, "*")))
+                      if f.endswith(IMAGE_EXTS)]
+        if not self.files:
+            raise PurrError(f"--data {root}: no images found; expected {root}/<class>/<image>.png|jpg "
+                            "(one sub-folder per class)")
+        self.size, self.num_classes = size, len(self.classes)
+        self.labels = torch.tensor([y for _, y in self.files])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, item):
+        i, flip = item
+        arr = center_crop(Image.open(self.files[i][0]), self.size)
+        x = torch.from_numpy(np.ascontiguousarray(arr[:, ::-1] if flip else arr)).permute(2, 0, 1)
+        return x, self.labels[i]
+
+
+class TokenFolder(torch.utils.data.Dataset):
+    """Pre-encoded data: tokens [N,2,h,w] (the image and its horizontal flip), labels [N]."""
+
+    def __init__(self, tokens, labels, num_classes):
+        self.tokens, self.labels, self.num_classes = tokens, torch.as_tensor(labels), num_classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        i, flip = item
+        return torch.from_numpy(np.asarray(self.tokens[i, flip], dtype=np.int64)), self.labels[i]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_plan(n, epoch, seed):
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def global_batch_plan(n, step, global_batch, seed):
+    """(index, flip) of every sample of the global batch at `step`. Each epoch is a seeded permutation
+    with seeded flips, so the data position is a function of the step alone: resuming needs no loader
+    state and the result does not depend on the number of processes."""
+    pos = step * global_batch + torch.arange(global_batch)
+    idx, flip = torch.empty_like(pos), torch.empty_like(pos)
+    for e in (pos // n).unique().tolist():
+        perm, flips = epoch_plan(n, e, seed)
+        at = pos // n == e
+        idx[at] = perm[pos[at] % n]
+        flip[at] = flips[idx[at]]
+    return idx, flip
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """This rank's slice of every global batch from step `start` on, as lists of (index, flip)."""
+
+    def __init__(self, n, start, steps, global_batch, rank, world, seed):
+        self.args = n, start, steps, global_batch, rank, world, seed
+
+    def __len__(self):
+        return self.args[2] - self.args[1]
+
+    def __iter__(self):
+        n, start, steps, G, rank, world, seed = self.args
+        b = G // world
+        for step in range(start, steps):
+            idx, flip = global_batch_plan(n, step, G, seed)
+            yield list(zip(idx[rank * b:(rank + 1) * b].tolist(), flip[rank * b:(rank + 1) * b].tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (Algorithm 1).
+
+def training_losses(model, c, y, z0, t, codebook, z_weight):
+    """Algorithm 1 for one batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of the
+    predicted posterior against c (Eq. 14) plus the z-loss (App. D)."""
+    z1 = codebook[c].permute(0, 3, 1, 2)
+    tt = t.view(-1, 1, 1, 1)
+    logits = model((tt * z1 + (1 - tt) * z0), t, y)
+    ce, zloss = purr_loss(logits, c, z_weight)
+    return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def build_model(a):
+    """The DiT of a run, from its args (a dict): one place, so train and sample always agree."""
+    return DiT_models[a["model"]](input_size=a["latent_size"], in_channels=a["latent_channels"],
+                                  codebook_size=a["codebook_size"], num_classes=a["num_classes"])
+
+
+def open_data(args, device):
+    """The training data and the frozen tokenizer. With no --data: the built-in demo images, a tiny
+    tokenizer fitted on them, and all images (and flips) encoded once."""
+    if args.data is None:
+        images, labels = demo_dataset(args.demo_size)
+        tok = vqlib.fit_tiny(to_unit(images), seed=args.seed)
+        tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
+        return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
+    tok = vqlib.load_tokenizer(args.vq, args.vq_ckpt).to(device)
+    return ImageFolder(args.data, args.image_size), tok
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes); NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def checkpoint_paths(folder):
+    return sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True), key=os.path.getmtime)
+
+
+def load_checkpoint(path):
+    if path is None or not os.path.isfile(path):
+        raise PurrError(f"checkpoint {path} not found; pass --ckpt PATH to a .pt file saved by "
+                        "'purr.py train' (they live in results/<run>/checkpoints/)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        older = [p for p in checkpoint_paths(os.path.dirname(path)) if p != path]
+        hint = f"; the previous one is {older[-1]}" if older else ""
+        raise PurrError(f"checkpoint {path} cannot be read ({type(e).__name__}: it is truncated or not a "
+                        f"purr checkpoint){hint}") from None
+    missing = {"model", "ema", "args", "step", "vq"} - set(ckpt) if isinstance(ckpt, dict) else {"everything"}
+    if missing:
+        raise PurrError(f"{path} is not a purr checkpoint (no {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write beside, then rename, so an interrupted save never replaces a good checkpoint."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def new_run_dir(results, model):
+    os.makedirs(results, exist_ok=True)
+    run = os.path.join(results, f"{len(glob.glob(os.path.join(results, '*'))):03d}-{model.replace('/', '-')}")
+    os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
+    return run
+
+
+def train(args):
+    rank, world, device = setup_distributed()
+    demo = args.data is None
+    for k, (demo_value, value) in TRAIN_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, demo_value if demo else value)
+    if args.model not in DiT_models:
+        raise PurrError(f"unknown --model {args.model}; choose one of {', '.join(DiT_models)}")
+    G, b = args.global_batch_size, args.global_batch_size // world
+    if G % world:
+        raise PurrError(f"--global-batch-size {G} is not divisible by the {world} processes")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    data, tok = open_data(args, device)
+    codebook = tok.codebook.to(device)
+    probe = data[(0, 0)][0]
+    size = probe.shape[-1] // (tok.downsample if probe.dim() == 3 else 1)
+    args.latent_size, args.latent_channels = size, codebook.shape[1]
+    args.codebook_size, args.num_classes = codebook.shape[0], data.num_classes
+    if size % int(args.model.split("/")[1]):
+        raise PurrError(f"--model {args.model}: the latent size {size} is not divisible by its patch size")
+
+    torch.manual_seed(args.seed)
+    model = build_model(vars(args)).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6)
+    step, run = 0, None
+    if args.resume:
+        path = checkpoint_paths(args.results_dir)[-1:] if args.resume == "latest" else [args.resume]
+        ckpt = load_checkpoint(path[0] if path else None)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, run = ckpt["step"], os.path.dirname(os.path.dirname(path[0]))
+    if rank == 0:
+        run = run or new_run_dir(args.results_dir, args.model)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"purr train: {args.model} ({n_params / 1e6:.2f}M parameters), {len(data)} images, "
+              f"tokenizer {tok.name} (K={args.codebook_size}, d={args.latent_channels}, latent {size}x{size}), "
+              f"{world} process(es) on {device}, run folder {run}", flush=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.compile(ddp) if args.compile else ddp
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=RankBatches(len(data), step, args.steps, G, rank, world, args.seed),
+        num_workers=args.num_workers if not demo else 0, pin_memory=device.type == "cuda")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    sums, t0, last = torch.zeros(3, device=device), time.time(), step
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # Encoding inside inference mode yields inference tensors; clone() makes them usable by autograd.
+        c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x
+        # Noise, times and label drops of the whole global batch from (seed, step); each rank takes its slice.
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        z0 = torch.randn(G, args.latent_channels, size, size, generator=g)[rank * b:(rank + 1) * b].to(device)
+        t = torch.rand(G, generator=g)[rank * b:(rank + 1) * b].to(device)
+        drop = (torch.rand(G, generator=g) < args.class_dropout)[rank * b:(rank + 1) * b].to(device)
+        with autocast:
+            losses = training_losses(ddp, c, torch.where(drop, data.num_classes, y), z0, t, codebook, args.z_loss)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        update_ema(ema, model, args.ema_decay)
+        step += 1
+        sums += torch.stack([losses[k].detach().float() for k in ("loss", "ce", "zloss")])
+        if step % args.log_every == 0 or step == args.steps:
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            dt = time.time() - t0
+            rec = dict(zip(("loss", "ce", "zloss"), (sums / (world * (step - last))).tolist()))
+            rec.update(step=step, steps_per_s=(step - last) / dt, images_per_s=G * (step - last) / dt)
+            if rank == 0:
+                print(f"step {step:7d}  loss {rec['loss']:.4f}  ce {rec['ce']:.4f}  zloss {rec['zloss']:.2e}  "
+                      f"{rec['steps_per_s']:.2f} steps/s  {rec['images_per_s']:.1f} img/s", flush=True)
+                with open(os.path.join(run, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            sums.zero_()
+            t0, last = time.time(), step
+        if step % args.ckpt_every == 0 or step == args.steps:
+            if rank == 0:
+                path = os.path.join(run, "checkpoints", f"{step:07d}.pt")
+                save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                 "args": {k: v for k, v in vars(args).items() if k != "func"}, "step": step, "vq": tokenizer_spec(tok, args)}, path)
+                print(f"saved {path}", flush=True)
+            if world > 1:
+                torch.distributed.barrier()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return run
+
+
+def tokenizer_spec(tok, args):
+    """How sampling finds the tokenizer again: the tiny one travels whole, real ones by name and path."""
+    if tok.name == "tiny":
+        return {"name": "tiny", "config": tok.config(), "state": tok.state_dict()}
+    return {"name": args.vq, "ckpt": os.path.abspath(args.vq_ckpt)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling.
+
+def save_grid(images, rows, path):
+    """uint8 [N,3,H,W] -> one PNG, `rows` rows (one per class), 2-pixel gaps."""
+    n, _, h, w = images.shape
+    cols = math.ceil(n / rows)
+    grid = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), np.uint8)
+    for i, im in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
+        r, c = divmod(i, cols)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
+    Image.fromarray(grid).save(path)
+
+
+def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
+    """EMA model, tokenizer and args of a checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    a, spec = ckpt["args"], ckpt["vq"]
+    if spec["name"] == "tiny":
+        tok = vqlib.TinyVQ(**spec["config"])
+        tok.load_state_dict(spec["state"])
+    else:
+        tok = vqlib.load_tokenizer(spec["name"], vq_ckpt or spec["ckpt"])
+    model = build_model(a)
+    model.load_state_dict(ckpt["ema"])
+    return model.eval().to(device), tok.to(device), a, ckpt["step"]
+
+
+def sample(args):
+    if args.tau <= 0:
+        raise PurrError(f"--tau {args.tau}: the softmax temperature must be > 0 (the paper uses 0.8-0.9)")
+    if args.num_steps < 1:
+        raise PurrError(f"--num-steps {args.num_steps}: need at least 1 integration step (default 100)")
+    ckpt_path = args.ckpt or (checkpoint_paths(args.results_dir) or [None])[-1]
+    if ckpt_path is None:
+        raise PurrError(f"no checkpoint under {args.results_dir}/; train first ('python purr.py train') "
+                        "or pass --ckpt PATH")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, a, step = load_sampler(ckpt_path, args.vq_ckpt, device)
+    K = a["num_classes"]
+    labels = args.class_labels or (list(range(K)) if K <= 16 else [207, 360, 387, 974, 88, 979, 417, 279])
+    if not all(0 <= l < K for l in labels):
+        raise PurrError(f"--class-labels must lie in [0, {K - 1}]")
+    n = args.num_samples or 8 * len(labels)
+    y = torch.tensor(labels).repeat_interleave(math.ceil(n / len(labels)))[:n]
+    g = torch.Generator().manual_seed(args.seed)
+    z0 = torch.randn(n, a["latent_channels"], a["latent_size"], a["latent_size"], generator=g)
+    out = []
+    for i in range(0, n, args.batch_size):
+        z = sample_latents(model, tok.codebook, y[i:i + args.batch_size].to(device), z0[i:i + args.batch_size].to(device),
+                           args.tau, args.cfg_scale, args.num_steps, args.method)
+        out.append(to_uint8(tok.decode(tok.quantize(z))).cpu())
+    save_grid(torch.cat(out), len(labels), args.out)
+    print(f"purr sample: {n} samples from {ckpt_path} (EMA, step {step}) with tau={args.tau} "
+          f"cfg={args.cfg_scale} {args.method} x{args.num_steps} -> {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+# (demo value, value with --data): the built-in demo is a small model trained briefly at a higher lr.
+TRAIN_DEFAULTS = {"model": ("T/2", "S/2"), "steps": (2000, 400_000), "global_batch_size": (64, 256),
+                  "lr": (5e-4, 1e-4), "ema_decay": (0.998, 0.9999), "log_every": (100, 100),
+                  "ckpt_every": (1000, 50_000)}
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="purr.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a DiT with the Purrception objective")
+    t.add_argument("--model", help="DiT config: " + ", ".join(DiT_models) + " (default S/2; demo T/2)")
+    t.add_argument("--data", help="image folder, one sub-folder per class (default: the built-in demo)")
+    t.add_argument("--vq", default="llamagen-vq-ds8", help="tokenizer: sd-vq-f8 | llamagen-vq-ds8")
+    t.add_argument("--vq-ckpt", help="the tokenizer's official checkpoint file")
+    t.add_argument("--image-size", type=int, default=256)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--global-batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--ema-decay", type=float)
+    t.add_argument("--z-loss", type=float, default=1e-5, help="weight of (log Z)^2 (App. D)")
+    t.add_argument("--class-dropout", type=float, default=0.1, help="label drop rate, for guidance")
+    t.add_argument("--results-dir", default="results")
+    t.add_argument("--log-every", type=int)
+    t.add_argument("--ckpt-every", type=int)
+    t.add_argument("--resume", nargs="?", const="latest", help="checkpoint to resume (default: newest)")
+    t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--num-workers", type=int, default=8)
+    t.add_argument("--demo-size", type=int, default=10000, help="images in the built-in demo set")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=train)
+    s = sub.add_parser("sample", help="sample images from a checkpoint's EMA weights")
+    s.add_argument("--ckpt", help="checkpoint (default: the newest under --results-dir)")
+    s.add_argument("--results-dir", default="results")
+    s.add_argument("--vq-ckpt", help="tokenizer file, if it moved since training")
+    s.add_argument("--tau", type=float, default=1.0, help="softmax temperature (Eq. 15)")
+    s.add_argument("--cfg-scale", type=float, default=1.0)
+    s.add_argument("--num-steps", type=int, default=100)
+    s.add_argument("--method", default="euler", choices=["euler", "midpoint", "rk4", "dopri5"])
+    s.add_argument("--num-samples", type=int, help="default: 8 per class label")
+    s.add_argument("--class-labels", type=int, nargs="+")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=sample)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PurrError as e:
+        sys.exit(f"purr {args.cmd}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
