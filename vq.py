@@ -15,6 +15,7 @@ demo tokenizer from a purr checkpoint. Check a download with
     python vq.py recon --vq sd-vq-f8 --vq-ckpt vq-f8/model.ckpt photo.jpg
 """
 import argparse
+import ast
 import functools
 import os
 import pickle
@@ -337,15 +338,37 @@ def build_tokenizer(name, **overrides):
                    cfg["z_channels"], cfg["codebook_embed_dim"], cfg["codebook_size"], cfg["codebook_l2_norm"])
 
 
+class _Inert:
+    """Stands in for the classes a checkpoint pickles beside its tensors (pytorch-lightning callbacks,
+    numpy scalars): built from anything, holds nothing."""
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
 def _torch_load(path, expected):
     if not os.path.isfile(path):
         raise TokenizerError(f"{path}: no such file; expected {expected}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Some files (e.g. pytorch-lightning checkpoints such as SD's model.ckpt) pickle objects the
-        # weights-only unpickler refuses; those need the full unpickler: only open files you trust.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # SD's model.ckpt is a pytorch-lightning checkpoint: it also pickles callback objects and
+            # numpy scalars, which the weights-only unpickler refuses and a full unpickle could only
+            # rebuild with pytorch-lightning installed (running code from the file). None of them is
+            # needed: load weights-only again with inert stand-ins for exactly those classes.
+            try:
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except ValueError:  # a pre-1.6, non-zip file cannot be scanned: unpickle it fully
+                return torch.load(path, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals([(_Inert, name) for name in names]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a .zip still to unpack, an image, a truncated download...
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        unzip = " (unzip it: the checkpoint is the model.ckpt inside)" if path.endswith(".zip") else ""
+        raise TokenizerError(f"{path}: cannot read it as a torch checkpoint{unzip}: {why}; expected {expected}") from e
 
 
 def _official_state(name, path):
@@ -446,7 +469,16 @@ def psnr(a, b):
 
 def recon(args):
     from PIL import Image
-    tok = load_tokenizer(args.vq, args.vq_ckpt)
+    overrides = {}
+    for item in args.vq_config:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TokenizerError(f"--vq-config {item}: expected KEY=VALUE, e.g. ch=32")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    tok = load_tokenizer(args.vq, args.vq_ckpt, **overrides)
     if args.image_size % tok.downsample:
         raise TokenizerError(f"--image-size {args.image_size} must be a multiple of {tok.downsample}")
     scores = []
@@ -471,6 +503,8 @@ def main(argv=None):
     r.add_argument("--vq", required=True, choices=[*CONFIGS, "tiny"], help="tokenizer")
     r.add_argument("--vq-ckpt", required=True, help="its checkpoint file")
     r.add_argument("--image-size", type=int, default=256, help="center crop resized to this (default 256)")
+    r.add_argument("--vq-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the architecture, e.g. ch=32 (the test fixtures); repeatable")
     r.add_argument("images", nargs="+", metavar="IMAGE")
     args = p.parse_args(argv)
     try:
