@@ -222,20 +222,27 @@ def make_velocity(model, codebook, y, tau, cfg_scale):
     return velocity
 
 
+ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+
+
 @torch.no_grad()
 def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler"):
     """Algorithm 2 through torchdiffeq. The 1/(1-t) of Eq. 13 is singular at t = 1, so every solver
     integrates on the grid t = s/T only up to t = (T-1)/T, where 1/(1-t) <= T; the last step is
     Euler's, which lands exactly on mu (z + (1/T)(mu - z)/(1/T) = mu), as in Algorithm 2.
-    Adaptive solvers (dopri5) integrate [0, (T-1)/T] to their tolerance and then take that step."""
+    Adaptive solvers (dopri5) integrate [0, (T-1)/T] to their tolerance, with a first step of 1/T and
+    a step forced to end at (T-1)/T (torchdiffeq otherwise probes and steps past the end), then take
+    that last step."""
     from torchdiffeq import odeint
     v = make_velocity(model, codebook, y, tau, cfg_scale)
     T = num_steps
     z = z0
     if T > 1:
-        grid = torch.arange(T, dtype=torch.float64) / T
-        grid = grid[[0, -1]] if method in ("dopri5", "dopri8", "bosh3", "adaptive_heun") else grid
-        z = odeint(v, z0, grid.to(z0.device, torch.float32), method=method, rtol=1e-4, atol=1e-4)[-1]
+        grid = (torch.arange(T, dtype=torch.float64) / T).to(z0.device, torch.float32)
+        opts = {}
+        if method in ADAPTIVE:
+            grid, opts = grid[[0, -1]], {"first_step": 1 / T, "step_t": grid[-1:]}
+        z = odeint(v, z0, grid, method=method, rtol=1e-4, atol=1e-4, options=opts)[-1]
     t_last = torch.tensor((T - 1) / T, device=z.device)
     return z + v(t_last, z) / T
 
@@ -426,8 +433,8 @@ def open_data(args, device):
         tok = vqlib.fit_tiny(to_unit(images), seed=args.seed)
         tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
         return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
-    tok = vqlib.load_tokenizer(args.vq, args.vq_ckpt).to(device)
-    return ImageFolder(args.data, args.image_size), tok
+    data = ImageFolder(args.data, args.image_size)
+    return data, vqlib.load_tokenizer(args.vq, args.vq_ckpt).to(device)
 
 
 def setup_distributed():
@@ -684,7 +691,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except PurrError as e:
+    except (PurrError, vqlib.TokenizerError) as e:
         sys.exit(f"purr {args.cmd}: error: {e}")
 
 

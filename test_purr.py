@@ -1,0 +1,254 @@
+"""purr's tests: python -m pytest -q test_purr.py (CPU, minutes). Fixtures: ../shared/fixtures or $PURR_FIXTURES."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import purr
+import vq as vqlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.environ.get("PURR_FIXTURES", os.path.join(HERE, "..", "shared", "fixtures"))
+torch.set_num_threads(2)
+
+
+def fixture(name):
+    path = os.path.join(FIXTURES, name)
+    if not os.path.exists(path):
+        pytest.skip(f"fixture {name} not found in {FIXTURES} (set PURR_FIXTURES)")
+    return path
+
+
+def run_cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "purr.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+def small_dit(K=16, d=4, size=4, patch=1, seed=0):
+    """A T-sized DiT whose zero-initialized layers are perturbed, so its outputs depend on z, t and y."""
+    torch.manual_seed(seed)
+    model = purr.DiT_models[f"T/{patch}"](input_size=size, in_channels=d, codebook_size=K, num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+# --- DiT ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,millions", [("S/2", 58.2), ("B/2", 180.9), ("L/2", 525.3), ("XL/2", 750.7)])
+def test_parameter_counts_with_16384_way_head(name, millions):
+    with torch.device("meta"):
+        model = purr.DiT_models[name](input_size=32, in_channels=8, codebook_size=16384, num_classes=1000)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / 1e6 - millions) < 0.1, n
+    if name == "XL/2":
+        assert abs(n - 750e6) / 750e6 < 0.01  # paper, Table 1
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_dit_emits_K_logits_per_latent_position(patch):
+    model = small_dit(K=16, d=4, size=8, patch=patch)
+    out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3]))
+    assert out.shape == (2, 8, 8, 16)
+    fresh = purr.DiT_models[f"T/{patch}"](input_size=8, in_channels=4, codebook_size=16)
+    assert torch.count_nonzero(fresh(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0]))) == 0  # zero-init head
+    assert set(purr.DiT_models) >= {f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+
+
+def test_unpatchify_puts_each_token_output_on_its_own_patch():
+    p, K, g = 2, 3, 4  # token (i, j), sub-position (a, b), logit k -> latent position (p i + a, p j + b)
+    model = purr.DiT_models["T/2"](input_size=p * g, in_channels=4, codebook_size=K)
+    i, j, a, b, k = torch.meshgrid(*(torch.arange(n) for n in (g, g, p, p, K)), indexing="ij")
+    code = (i * g + j) * 1000 + a * 100 + b * 10 + k  # the final layer's output, laid out [token, (a, b, k)]
+    model.final_layer.register_forward_hook(lambda *_: code.reshape(1, g * g, p * p * K).float())
+    out = model(torch.randn(1, 4, p * g, p * g), torch.rand(1), torch.tensor([0]))[0]
+    for (ii, jj, aa, bb, kk) in [(0, 0, 0, 0, 0), (1, 2, 1, 0, 2), (3, 3, 1, 1, 1), (2, 0, 0, 1, 0)]:
+        assert out[p * ii + aa, p * jj + bb, kk] == (ii * g + jj) * 1000 + aa * 100 + bb * 10 + kk
+
+
+def test_sincos_position_table_matches_dit_formula():
+    table = purr.sincos_2d(8, 3)  # DiT: first half from the column (w), second from the row (h)
+    row, col = 2, 1
+    omega = 1 / 10000 ** (np.arange(2) / 2)
+    expect = np.concatenate([np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)])
+    assert np.allclose(table[row * 3 + col].numpy(), expect, atol=1e-6)
+
+
+def test_cfg_guides_every_logit():
+    model = small_dit()
+    z, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([0, 2])
+    null = torch.full_like(y, 3)
+    expect = model(z, t, null) + 1.5 * (model(z, t, y) - model(z, t, null))
+    assert torch.allclose(model.forward_with_cfg(z, t, y, 1.5), expect, atol=1e-5)
+
+
+# --- The Purrception loss (Eq. 14) + z-loss ---------------------------------------------------------
+
+def test_loss_equals_hand_computed_cross_entropy_and_z_loss():
+    logits = torch.tensor([[[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]]])  # [B=1,h=1,w=2,K=3]
+    c = torch.tensor([[[0, 1]]])
+    lz = [math.log(math.exp(2) + 1 + math.exp(-1)), math.log(2 * math.exp(0.5) + math.exp(3))]
+    ce_hand = ((lz[0] - 2.0) + (lz[1] - 0.5)) / 2
+    z_hand = 1e-5 * (lz[0] ** 2 + lz[1] ** 2) / 2
+    ce, zl = purr.purr_loss(logits, c)
+    assert abs(ce.item() - ce_hand) < 1e-6 and abs(zl.item() - z_hand) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_loss_gradient_equals_autograd_of_the_formula(dtype):
+    logits = (3 * torch.randn(2, 3, 5, 37, dtype=torch.float64)).to(dtype).requires_grad_()
+    c = torch.randint(0, 37, (2, 3, 5))
+    ce, zl = purr.purr_loss(logits, c, z_weight=0.1, chunk=7)  # chunks that do not divide N = 30
+    (ce + 2 * zl).backward()
+    ref = logits.detach().double().requires_grad_()
+    lse = torch.logsumexp(ref, -1)
+    (F.cross_entropy(ref.reshape(-1, 37), c.reshape(-1)) + 2 * 0.1 * lse.pow(2).mean()).backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    assert abs(ce.item() - F.cross_entropy(ref.reshape(-1, 37), c.reshape(-1)).item()) < max(tol, 1e-6)
+    assert torch.allclose(logits.grad.double(), ref.grad, atol=tol * ref.grad.abs().max().item())
+
+
+# --- The sampler (Eq. 13, 15, Algorithm 2) -----------------------------------------------------------
+
+def algorithm2(model, codebook, y, z, tau, T):
+    """Algorithm 2 of the paper, written out."""
+    for s in range(T):
+        t = s / T
+        pi = torch.softmax(model(z, torch.full((len(z),), t), y) / tau, -1)
+        v = ((pi @ codebook).permute(0, 3, 1, 2) - z) / (1 - t)
+        z = z + (1 / T) * v
+    return z
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_euler_sampler_through_torchdiffeq_equals_algorithm2(T):
+    model, codebook = small_dit(), torch.randn(16, 4)
+    y, z0 = torch.tensor([0, 1]), torch.randn(2, 4, 4, 4)
+    got = purr.sample_latents(model, codebook, y, z0, tau=0.7, num_steps=T, method="euler")
+    assert torch.allclose(got, algorithm2(model, codebook, y, z0, 0.7, T), atol=1e-5)
+
+
+def test_last_euler_step_lands_on_mu():
+    model, codebook, T = small_dit(), torch.randn(16, 4), 4
+    y, z0 = torch.tensor([0, 1]), torch.randn(2, 4, 4, 4)
+    # z after T-1 steps of the T-step grid, then mu at t = (T-1)/T:
+    z = z0
+    for s in range(T - 1):
+        t = s / T
+        mu = purr.posterior_mean(model(z, torch.full((2,), t), y), codebook, 0.8)
+        z = z + (mu - z) / (1 - t) / T
+    mu_last = purr.posterior_mean(model(z, torch.full((2,), (T - 1) / T), y), codebook, 0.8)
+    got = purr.sample_latents(model, codebook, y, z0, tau=0.8, num_steps=T)
+    assert torch.allclose(got, mu_last, atol=1e-5)
+
+
+def test_small_tau_makes_mu_the_argmax_code():
+    logits, codebook = torch.randn(2, 3, 3, 16), torch.randn(16, 4)
+    mu = purr.posterior_mean(logits, codebook, tau=1e-3)
+    assert torch.allclose(mu, codebook[logits.argmax(-1)].permute(0, 3, 1, 2), atol=1e-4)
+    assert not torch.allclose(purr.posterior_mean(logits, codebook, 1.0), mu, atol=1e-2)
+
+
+class OneHotPosterior(torch.nn.Module):
+    """A network whose posterior is one-hot on given codes, whatever z_t; records the times it sees."""
+
+    def __init__(self, c, K):
+        super().__init__()
+        self.logits, self.times = 30.0 * F.one_hot(c, K).float(), []
+
+    def forward_with_cfg(self, z, t, y, cfg_scale):
+        self.times.append(t.max().item())
+        return self.logits
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "dopri5"])
+def test_one_hot_posterior_returns_true_indices_and_never_evaluates_t_1(method):
+    tok = vqlib.fit_tiny(torch.rand(64, 3, 16, 16) * 2 - 1, codebook_size=32, iters=3)
+    c = torch.randint(0, 32, (3, 4, 4))
+    net = OneHotPosterior(c, 32)
+    z = purr.sample_latents(net, tok.codebook, torch.zeros(3, dtype=torch.long), torch.randn(3, 8, 4, 4),
+                            tau=0.8, num_steps=10, method=method)
+    assert torch.equal(tok.quantize(z), c)
+    assert max(net.times) < 1
+
+
+# --- Training on the built-in data --------------------------------------------------------------------
+
+def test_demo_data_is_deterministic_and_balanced():
+    a, la = purr.demo_dataset(40, seed=3)
+    b, lb = purr.demo_dataset(40, seed=3)
+    assert a.dtype == torch.uint8 and a.shape == (40, 3, 32, 32) and torch.equal(a, b) and torch.equal(la, lb)
+    assert torch.bincount(la).tolist() == [4] * 10
+    assert not torch.equal(a, purr.demo_dataset(40, seed=4)[0])
+
+
+def test_tiny_tokenizer_round_trips_its_codebook():
+    images, _ = purr.demo_dataset(300)
+    tok = vqlib.fit_tiny(purr.to_unit(images), codebook_size=64, iters=5)
+    c = torch.arange(64).view(1, 8, 8)
+    assert torch.equal(tok.encode(tok.decode(c)), c)
+    assert torch.equal(tok.quantize(tok.embed(c)), c)
+
+
+def test_global_batch_plan_is_a_permutation_per_epoch():
+    seen = torch.cat([purr.global_batch_plan(10, s, 5, seed=1)[0] for s in range(2)])
+    assert sorted(seen.tolist()) == list(range(10))
+    assert torch.equal(purr.global_batch_plan(10, 1, 5, 1)[0], purr.global_batch_plan(10, 1, 5, 1)[0])
+
+
+def test_short_demo_training_lowers_the_loss_and_samples(tmp_path):
+    args = purr.parser().parse_args(["train", "--steps", "150", "--demo-size", "2000", "--log-every", "25",
+                                     "--results-dir", str(tmp_path), "--global-batch-size", "32"])
+    run = args.func(args)
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    assert log[0]["step"] == 25 and log[-1]["step"] == 150
+    assert log[-1]["ce"] < 0.6 * math.log(256) and log[-1]["ce"] < 0.75 * log[0]["ce"], log
+    assert all(r["zloss"] > 0 for r in log)
+    ckpt = torch.load(os.path.join(run, "checkpoints", "0000150.pt"), weights_only=True)
+    assert {"model", "ema", "opt", "args", "step", "vq"} <= set(ckpt) and ckpt["step"] == 150
+    out = tmp_path / "grid.png"
+    purr.main(["sample", "--results-dir", str(tmp_path), "--num-steps", "5", "--num-samples", "20",
+               "--out", str(out)])
+    from PIL import Image
+    assert Image.open(out).size == (2 + 2 * 34, 2 + 10 * 34)  # one row per class
+
+
+# --- Bad input: one line, no traceback ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    args = purr.parser().parse_args(["train", "--steps", "2", "--demo-size", "200", "--results-dir", str(root),
+                                     "--global-batch-size", "4"])
+    return os.path.join(args.func(args), "checkpoints", "0000002.pt")
+
+
+def test_bad_sample_arguments_give_one_line_errors(tiny_ckpt, tmp_path):
+    assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--tau", "0"), "--tau")
+    assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--num-steps", "0"), "--num-steps")
+    assert_one_line_error(run_cli("sample", "--ckpt", str(tmp_path / "nope.pt")), "nope.pt", "not found")
+    assert_one_line_error(run_cli("sample", "--results-dir", str(tmp_path / "empty")), "no checkpoint")
+
+
+def test_bad_train_arguments_give_one_line_errors(tmp_path):
+    assert_one_line_error(run_cli("train", "--model", "Q/3"), "unknown --model Q/3", "XL/2")
+    assert_one_line_error(run_cli("train", "--data", str(tmp_path / "missing"), "--vq", "tiny",
+                                  "--vq-ckpt", "x"), "missing", "no such folder")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    assert_one_line_error(run_cli("train", "--data", str(tmp_path / "empty"), "--vq", "tiny", "--vq-ckpt", "x"),
+                          "no images")
