@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent
 FIXTURES = Path(os.environ.get("PURR_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
-def fixture_path(name):
+def fid_fixture(name):
     p = FIXTURES / name
     if not p.exists():
         pytest.skip(f"fixture {p} absent (set PURR_FIXTURES to the shared fixtures folder)")
@@ -26,12 +26,12 @@ def fixture_path(name):
 
 @functools.lru_cache(maxsize=None)
 def fid_golden():
-    return torch.load(fixture_path("inception_random_golden.pt"), weights_only=True)
+    return torch.load(fid_fixture("inception_random_golden.pt"), weights_only=True)
 
 
 @functools.lru_cache(maxsize=None)
 def fid_model(preprocess):  # random weights in the official layout: loaded once per preprocessing
-    return fid.load_inception(fixture_path("inception_random_fp16.pth"), preprocess)
+    return fid.load_inception(fid_fixture("inception_random_fp16.pth"), preprocess)
 
 
 def fid_image_folder(root, n, size, seed):
@@ -54,16 +54,16 @@ def fid_cli(capsys, *args):
 def test_fid_features_match_torch_fidelity_and_pytorch_fid(size):
     g = fid_golden()
     images = g[f"images_uint8_{size}"]
-    ours = {p: fid_model(p)(images).double() for p in fid.PREPROCESS}
+    ours = {p: fid_model(p)(images) for p in fid.PREPROCESS}
     ref = {"fidelity": g[f"features_torch_fidelity_{size}"], "pytorch-fid": g[f"features_pytorch_fid_{size}"]}
     for p in fid.PREPROCESS:
-        assert ours[p].shape == (len(images), 2048) and ours[p].dtype == torch.float64
+        assert ours[p].shape == (len(images), 2048) and ours[p].dtype == torch.float32
         assert (ours[p] - ref[p]).abs().max() < 1e-4, p
     # the two preprocessings differ by far more than the tolerance: the check above tells them apart
     assert (ours["fidelity"] - ref["pytorch-fid"]).abs().max() > 1e-3
 
 
-def test_fid_frechet_distance_golden_and_self():
+def test_fid_frechet_distance_golden_and_self(capsys):
     g = fid_golden()
     a, b = g["frechet_a"].numpy(), g["frechet_b"].numpy()
     sa, sb = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
@@ -72,10 +72,37 @@ def test_fid_frechet_distance_golden_and_self():
     assert abs(fid.frechet_distance(*sa, *sa)) < 1e-6 * ref
     with pytest.raises(ValueError, match="mismatched"):
         fid.frechet_distance(sa[0], sa[1], sb[0][:10], sb[1][:10, :10])
+    # sqrtm of [[0, 1], [0, 0]] is infinite: retried with 1e-6 on the diagonals, as pytorch-fid does
+    zero, nilpotent = np.zeros(2), np.array([[0.0, 1.0], [0.0, 0.0]])
+    assert fid.frechet_distance(zero, nilpotent, zero, np.eye(2)) == pytest.approx(2.0, abs=1e-2)
+    assert "adding 1e-06 to the diagonals" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="imaginary"):  # a negative eigenvalue: no real square root
+        fid.frechet_distance(zero, np.eye(2), zero, np.diag([-1.0, 1.0]))
+
+
+def test_fid_statistics_files_ours_pytorch_fid_and_adm(tmp_path):
+    mu, sigma = np.arange(4.0), np.eye(4) * 2
+    np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)
+    # ADM reference batch: images too (here in a layout fid.py would reject), but mu/sigma win
+    np.savez(tmp_path / "adm_ref.npz", arr_0=np.zeros((2, 3, 8, 8), np.float32), mu=mu, sigma=sigma, mu_s=mu[:2])
+    for name in ("pytorch_fid.npz", "adm_ref.npz"):
+        s = fid.statistics(tmp_path / name)  # no weights needed: the default model is never loaded
+        assert np.array_equal(s["mu"], mu) and np.array_equal(s["sigma"], sigma) and s["num_images"] is None
+
+
+def test_fid_features_of_a_tensor_in_batches_with_progress(capsys):
+    g = fid_golden()
+    feats = fid.features(g["images_uint8_64"], fid_model("fidelity"), batch_size=1, progress_s=0)
+    assert feats.shape == (2, 2048) and np.abs(feats - g["features_torch_fidelity_64"].numpy()).max() < 1e-4
+    assert "fid: tensor: 1/2 images" in capsys.readouterr().err
+    with pytest.raises(fid.FIDError, match="3 images asked for, 2 found"):
+        fid.features(g["images_uint8_64"], fid_model("fidelity"), num_images=3)
+    with pytest.raises(fid.FIDError, match="uint8"):
+        fid_model("fidelity")(g["images_uint8_64"].float())
 
 
 def test_fid_weights_with_num_batches_tracked_load(tmp_path):
-    sd = torch.load(fixture_path("inception_random_fp16.pth"), weights_only=True)
+    sd = torch.load(fid_fixture("inception_random_fp16.pth"), weights_only=True)
     bns = {k[: -len("running_var")] for k in sd if k.endswith("running_var")}
     sd.update({b + "num_batches_tracked": torch.tensor(0) for b in bns})
     assert len(sd) == 566  # the official file's key count
@@ -91,7 +118,7 @@ def test_fid_weights_with_num_batches_tracked_load(tmp_path):
     ("truncate", "unreadable or truncated"),
 ])
 def test_fid_bad_weights_file_one_clear_error(tmp_path, damage, message):
-    src, bad = fixture_path("inception_random_fp16.pth"), tmp_path / "bad_inception.pth"
+    src, bad = fid_fixture("inception_random_fp16.pth"), tmp_path / "bad_inception.pth"
     if damage == "truncate":
         data = src.read_bytes()
         bad.write_bytes(data[: len(data) // 2])
@@ -120,7 +147,7 @@ def test_fid_cli_empty_folder_errors_cleanly(tmp_path):
 
 
 def test_fid_cli_bad_inputs_error_cleanly(tmp_path, capsys):
-    weights = fixture_path("inception_random_fp16.pth")
+    weights = fid_fixture("inception_random_fp16.pth")
     mixed = fid_image_folder(tmp_path / "mixed", 2, (32, 32), 0)
     Image.new("RGB", (48, 40)).save(mixed / "z.jpg")
     np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
@@ -135,7 +162,7 @@ def test_fid_cli_bad_inputs_error_cleanly(tmp_path, capsys):
 
 
 def test_fid_cli_folders_npz_and_saved_stats_agree(tmp_path, capsys, monkeypatch):
-    weights = fixture_path("inception_random_fp16.pth")
+    weights = fid_fixture("inception_random_fp16.pth")
     # one 2048x2048 sqrtm takes ~15-25 s on 2 busy cores: identical statistics reuse the first FID
     real, memo = fid.frechet_distance, {}
 
