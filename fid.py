@@ -368,7 +368,8 @@ def main(argv=None):
     p.add_argument("--preprocess", choices=PREPROCESS, default="fidelity",
                    help="fidelity: torch-fidelity's and ADM's TF1 resize (the paper's); pytorch-fid: torch resize")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--num-images", type=int, help="use the first N images of each image source, e.g. 10000 for FID-10k (statistics files as they are)")
+    p.add_argument("--num-images", type=int,
+                   help="use the first N images of each image source, e.g. 10000 for FID-10k (not of statistics)")
     a = p.parse_args(argv)
     srcs = [a.A] if a.save_stats else [a.A, a.B]
     try:
