@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import fid
 import vq as vqlib
 
 
@@ -211,14 +213,20 @@ def posterior_mean(logits, codebook, tau):
     return (pi @ codebook.float()).permute(0, 3, 1, 2)
 
 
-def make_velocity(model, codebook, y, tau, cfg_scale):
+def make_velocity(model, codebook, y, tau, cfg_scale, objective="purr", on_logits=None):
     """v(z_t) = (mu(z_t) - z_t) / (1 - t) (Eq. 13). Guidance combines logits, not velocities: the
     guided posterior stays a distribution over codes, so mu stays in the codebook's convex hull and
-    tau (Eq. 15) tempers the guided logits the same way it tempers unguided ones."""
+    tau (Eq. 15) tempers the guided logits the same way it tempers unguided ones.
+    The continuous baselines: CFM's network is the velocity; CFM-endpoint's predicted z_1 takes mu's place."""
     def velocity(t, z):
         tt = t.expand(len(z)).to(z)
-        mu = posterior_mean(model.forward_with_cfg(z, tt, y, cfg_scale), codebook, tau)
-        return (mu - z) / (1 - tt).view(-1, 1, 1, 1)
+        out = model.forward_with_cfg(z, tt, y, cfg_scale)
+        if objective == "cfm":
+            return out.permute(0, 3, 1, 2)
+        if on_logits is not None:
+            on_logits(t, out)
+        end = posterior_mean(out, codebook, tau) if objective == "purr" else out.permute(0, 3, 1, 2)
+        return (end - z) / (1 - tt).view(-1, 1, 1, 1)
     return velocity
 
 
@@ -226,15 +234,16 @@ ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
 
 
 @torch.no_grad()
-def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler"):
+def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler",
+                   objective="purr", on_logits=None):
     """Algorithm 2 through torchdiffeq. The 1/(1-t) of Eq. 13 is singular at t = 1, so every solver
     integrates on the grid t = s/T only up to t = (T-1)/T, where 1/(1-t) <= T; the last step is
     Euler's, which lands exactly on mu (z + (1/T)(mu - z)/(1/T) = mu), as in Algorithm 2.
     Adaptive solvers (dopri5) integrate [0, (T-1)/T] to their tolerance, with a first step of 1/T and
     a step forced to end at (T-1)/T (torchdiffeq otherwise probes and steps past the end), then take
-    that last step."""
+    that last step. (CFM has no singularity; it shares the grid so all objectives step alike.)"""
     from torchdiffeq import odeint
-    v = make_velocity(model, codebook, y, tau, cfg_scale)
+    v = make_velocity(model, codebook, y, tau, cfg_scale, objective, on_logits)
     T = num_steps
     z = z0
     if T > 1:
@@ -245,6 +254,43 @@ def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100
         z = odeint(v, z0, grid, method=method, rtol=1e-4, atol=1e-4, options=opts)[-1]
     t_last = torch.tensor((T - 1) / T, device=z.device)
     return z + v(t_last, z) / T
+
+
+def entropy(logits, tau):
+    """Per-position entropy of pi = softmax(logits / tau): the model's uncertainty about the code."""
+    logp = torch.log_softmax(logits.float() / tau, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Discrete flow matching baseline (Gat et al. 2024): a mixture path on the indices, MASK source.
+
+def dfm_path(c, t, u, K, n=3):
+    """x_t = c with probability kappa(t) = t^n, else MASK (index K); u ~ U(0,1) per position."""
+    return torch.where(u < 1 - t.view(-1, 1, 1) ** n, K, c)
+
+
+def dfm_input(x, codebook):
+    """The DiT reads indices as e_x (0 at MASK) plus a MASK-indicator channel: [B,d+1,h,w]."""
+    K = len(codebook)
+    e = torch.cat([codebook, codebook.new_zeros(1, codebook.shape[1])])[x]
+    return torch.cat([e, (x == K)[..., None].to(e)], -1).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def sample_dfm(model, codebook, y, shape, tau=1.0, cfg_scale=1.0, num_steps=100, n=3):
+    """Discrete Euler from all-MASK: draw x1 ~ p(x_1 | x_t); where x_t != x1, jump to x1 with
+    probability 1 - exp(-h kappa'/(1 - kappa)); the last step returns x1."""
+    K, T = len(codebook), num_steps
+    x = torch.full(shape, K, device=codebook.device)
+    for s in range(T):
+        t = s / T
+        logits = model.forward_with_cfg(dfm_input(x, codebook), torch.full((len(x),), t, device=x.device), y, cfg_scale)
+        x1 = torch.multinomial(torch.softmax(logits.float().reshape(-1, K) / tau, -1), 1).view(shape)
+        if s == T - 1:
+            return x1
+        jump = torch.rand(shape, device=x.device) < 1 - math.exp(-(n * t ** (n - 1) / (1 - t ** n)) / T)
+        x = torch.where(jump & (x != x1), x1, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,14 +449,26 @@ class RankBatches(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------
 # Training (Algorithm 1).
 
-def training_losses(model, c, y, z0, t, codebook, z_weight):
+OBJECTIVES = ("purr", "cfm", "cfm-endpoint", "dfm")
+
+
+def training_losses(model, objective, c, y, z0, t, u, codebook, z_weight):
     """Algorithm 1 for one batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of the
-    predicted posterior against c (Eq. 14) plus the z-loss (App. D)."""
+    predicted posterior against c (Eq. 14) plus the z-loss (App. D). The baselines on the same
+    batch: CFM regresses the velocity z_1 - z_0, CFM-endpoint regresses z_1 (both MSE), DFM takes
+    the cross-entropy of c from the masked indices x_t (u: its per-position uniforms)."""
+    if objective == "dfm":
+        ce, _ = purr_loss(model(dfm_input(dfm_path(c, t, u, len(codebook)), codebook), t, y), c, 0.0)
+        return {"loss": ce, "ce": ce}
     z1 = codebook[c].permute(0, 3, 1, 2)
     tt = t.view(-1, 1, 1, 1)
-    logits = model((tt * z1 + (1 - tt) * z0), t, y)
-    ce, zloss = purr_loss(logits, c, z_weight)
-    return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
+    out = model(tt * z1 + (1 - tt) * z0, t, y)
+    if objective == "purr":
+        ce, zloss = purr_loss(out, c, z_weight)
+        return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
+    target = z1 - z0 if objective == "cfm" else z1
+    mse = (out.permute(0, 3, 1, 2).float() - target).pow(2).mean()
+    return {"loss": mse, "mse": mse}
 
 
 @torch.no_grad()
@@ -421,8 +479,10 @@ def update_ema(ema, model, decay):
 
 def build_model(a):
     """The DiT of a run, from its args (a dict): one place, so train and sample always agree."""
-    return DiT_models[a["model"]](input_size=a["latent_size"], in_channels=a["latent_channels"],
-                                  codebook_size=a["codebook_size"], num_classes=a["num_classes"])
+    d, objective = a["latent_channels"], a["objective"]
+    return DiT_models[a["model"]](input_size=a["latent_size"], in_channels=d + (objective == "dfm"),
+                                  codebook_size=a["codebook_size"], num_classes=a["num_classes"],
+                                  out_channels=d if objective.startswith("cfm") else None)
 
 
 def open_data(args, device):
@@ -528,42 +588,45 @@ def train(args):
         data, batch_sampler=RankBatches(len(data), step, args.steps, G, rank, world, args.seed),
         num_workers=args.num_workers if not demo else 0, pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    sums, t0, last = torch.zeros(3, device=device), time.time(), step
+    sums, t0, last = 0, time.time(), step
+    sl = slice(rank * b, (rank + 1) * b)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # Encoding inside inference mode yields inference tensors; clone() makes them usable by autograd.
         c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x
-        # Noise, times and label drops of the whole global batch from (seed, step); each rank takes its slice.
+        # Noise, times, label drops (and DFM's uniforms) of the whole global batch from (seed, step);
+        # each rank takes its slice, so the update does not depend on the number of processes.
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        z0 = torch.randn(G, args.latent_channels, size, size, generator=g)[rank * b:(rank + 1) * b].to(device)
-        t = torch.rand(G, generator=g)[rank * b:(rank + 1) * b].to(device)
-        drop = (torch.rand(G, generator=g) < args.class_dropout)[rank * b:(rank + 1) * b].to(device)
+        z0 = torch.randn(G, args.latent_channels, size, size, generator=g)[sl].to(device)
+        t = torch.rand(G, generator=g)[sl].to(device)
+        drop = (torch.rand(G, generator=g) < args.class_dropout)[sl].to(device)
+        u = torch.rand(G, size, size, generator=g)[sl].to(device)
         with autocast:
-            losses = training_losses(ddp, c, torch.where(drop, data.num_classes, y), z0, t, codebook, args.z_loss)
+            losses = training_losses(ddp, args.objective, c, torch.where(drop, data.num_classes, y), z0, t, u,
+                                     codebook, args.z_loss)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
         update_ema(ema, model, args.ema_decay)
         step += 1
-        sums += torch.stack([losses[k].detach().float() for k in ("loss", "ce", "zloss")])
+        sums = sums + torch.stack([v.detach().float() for v in losses.values()])
         if step % args.log_every == 0 or step == args.steps:
             if world > 1:
                 torch.distributed.all_reduce(sums)
             dt = time.time() - t0
-            rec = dict(zip(("loss", "ce", "zloss"), (sums / (world * (step - last))).tolist()))
-            rec.update(step=step, steps_per_s=(step - last) / dt, images_per_s=G * (step - last) / dt)
+            rec = {"step": step, **dict(zip(losses, (sums / (world * (step - last))).tolist())),
+                   "steps_per_s": (step - last) / dt, "images_per_s": G * (step - last) / dt}
             if rank == 0:
-                print(f"step {step:7d}  loss {rec['loss']:.4f}  ce {rec['ce']:.4f}  zloss {rec['zloss']:.2e}  "
-                      f"{rec['steps_per_s']:.2f} steps/s  {rec['images_per_s']:.1f} img/s", flush=True)
+                print("  ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
                 with open(os.path.join(run, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
-            sums.zero_()
-            t0, last = time.time(), step
+            sums, t0, last = 0, time.time(), step
         if step % args.ckpt_every == 0 or step == args.steps:
             if rank == 0:
                 path = os.path.join(run, "checkpoints", f"{step:07d}.pt")
                 save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                 "args": {k: v for k, v in vars(args).items() if k != "func"}, "step": step, "vq": tokenizer_spec(tok, args)}, path)
+                                 "args": {k: v for k, v in vars(args).items() if k != "func"}, "step": step,
+                                 "vq": tokenizer_spec(tok, args)}, path)
                 print(f"saved {path}", flush=True)
             if world > 1:
                 torch.distributed.barrier()
@@ -593,15 +656,34 @@ def save_grid(images, rows, path):
     Image.fromarray(grid).save(path)
 
 
+def heat(x, size):
+    """Values in [0, 1], [N,h,w] -> uint8 'hot' colour map [N,3,size,size] (black, red, yellow, white)."""
+    x = F.interpolate(x[:, None].float(), size=(size, size), mode="nearest")[:, 0]
+    return (255 * torch.stack([3 * x, 3 * x - 1, 3 * x - 2], 1).clamp(0, 1)).to(torch.uint8)
+
+
+def write_adm_npz(path, shards, labels):
+    """ADM's sample batch (arr_0: N x H x W x 3 uint8, arr_1: labels), streamed from the ranks' .npy
+    shards so that 50k images at 256^2 (9.8 GB) never sit in memory at once."""
+    arrays = [np.load(s, mmap_mode="r") for s in shards]
+    header = {"descr": "|u1", "fortran_order": False, "shape": (sum(map(len, arrays)), *arrays[0].shape[1:])}
+    with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for a in arrays:
+                for i in range(0, len(a), 256):
+                    f.write(np.ascontiguousarray(a[i:i + 256]).tobytes())
+        with zf.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(labels, np.int64))
+    os.replace(path + ".tmp", path)
+
+
 def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
-    """EMA model, tokenizer and args of a checkpoint."""
+    """EMA model, tokenizer, args and step of a checkpoint."""
     ckpt = load_checkpoint(ckpt_path)
     a, spec = ckpt["args"], ckpt["vq"]
-    if spec["name"] == "tiny":
-        tok = vqlib.TinyVQ(**spec["config"])
-        tok.load_state_dict(spec["state"])
-    else:
-        tok = vqlib.load_tokenizer(spec["name"], vq_ckpt or spec["ckpt"])
+    tok = vqlib.load_tokenizer("tiny", ckpt_path) if spec["name"] == "tiny" else \
+        vqlib.load_tokenizer(spec["name"], vq_ckpt or spec["ckpt"])
     model = build_model(a)
     model.load_state_dict(ckpt["ema"])
     return model.eval().to(device), tok.to(device), a, ckpt["step"]
@@ -612,28 +694,73 @@ def sample(args):
         raise PurrError(f"--tau {args.tau}: the softmax temperature must be > 0 (the paper uses 0.8-0.9)")
     if args.num_steps < 1:
         raise PurrError(f"--num-steps {args.num_steps}: need at least 1 integration step (default 100)")
+    if not args.out.endswith((".png", ".npz")):
+        raise PurrError(f"--out {args.out}: write a grid (.png) or an ADM sample batch (.npz)")
+    if args.fid_ref and not os.path.isfile(args.fid_ref):
+        raise PurrError(f"--fid-ref {args.fid_ref} not found; make it with 'python fid.py --save-stats VAL_DIR ref.npz'")
     ckpt_path = args.ckpt or (checkpoint_paths(args.results_dir) or [None])[-1]
     if ckpt_path is None:
         raise PurrError(f"no checkpoint under {args.results_dir}/; train first ('python purr.py train') "
                         "or pass --ckpt PATH")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = setup_distributed()
     model, tok, a, step = load_sampler(ckpt_path, args.vq_ckpt, device)
-    K = a["num_classes"]
-    labels = args.class_labels or (list(range(K)) if K <= 16 else [207, 360, 387, 974, 88, 979, 417, 279])
-    if not all(0 <= l < K for l in labels):
-        raise PurrError(f"--class-labels must lie in [0, {K - 1}]")
+    classes, grid = a["num_classes"], args.out.endswith(".png")
+    labels = args.class_labels or (list(range(classes)) if classes <= 16 or not grid else
+                                   [207, 360, 387, 974, 88, 979, 417, 279])
+    if not all(0 <= l < classes for l in labels):
+        raise PurrError(f"--class-labels must lie in [0, {classes - 1}]")
     n = args.num_samples or 8 * len(labels)
-    y = torch.tensor(labels).repeat_interleave(math.ceil(n / len(labels)))[:n]
-    g = torch.Generator().manual_seed(args.seed)
-    z0 = torch.randn(n, a["latent_channels"], a["latent_size"], a["latent_size"], generator=g)
-    out = []
-    for i in range(0, n, args.batch_size):
-        z = sample_latents(model, tok.codebook, y[i:i + args.batch_size].to(device), z0[i:i + args.batch_size].to(device),
-                           args.tau, args.cfg_scale, args.num_steps, args.method)
-        out.append(to_uint8(tok.decode(tok.quantize(z))).cpu())
-    save_grid(torch.cat(out), len(labels), args.out)
-    print(f"purr sample: {n} samples from {ckpt_path} (EMA, step {step}) with tau={args.tau} "
-          f"cfg={args.cfg_scale} {args.method} x{args.num_steps} -> {args.out}")
+    # A grid has one row per label; a batch for FID cycles through the labels, so classes are balanced.
+    y = torch.tensor(labels).repeat_interleave(math.ceil(n / len(labels)))[:n] if grid else \
+        torch.tensor(labels)[torch.arange(n) % len(labels)]
+    size, d, mine = a["latent_size"], a["latent_channels"], range(rank * n // world, (rank + 1) * n // world)
+    images, entropies = [], []
+    for i in range(mine.start, mine.stop, args.batch_size):
+        idx = range(i, min(i + args.batch_size, mine.stop))
+        yb = y[idx.start:idx.stop].to(device)
+        # Each sample's noise comes from (seed, its index): the same images on any number of GPUs.
+        z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(args.seed * 10_000_019 + j))
+                          for j in idx]).to(device)
+        if a["objective"] == "dfm":
+            torch.manual_seed(args.seed * 10_000_019 + i)
+            c = sample_dfm(model, tok.codebook, yb, (len(yb), size, size), args.tau, args.cfg_scale, args.num_steps)
+        else:
+            seen = []
+
+            def record(t, logits):  # the entropy of pi at the first evaluation with t >= --entropy-t
+                if not seen and t >= args.entropy_t:
+                    seen.append(entropy(logits, args.tau))
+            c = tok.quantize(sample_latents(model, tok.codebook, yb, z0, args.tau, args.cfg_scale, args.num_steps,
+                                            args.method, a["objective"], record if args.entropy_map else None))
+            entropies += seen
+        images.append(to_uint8(tok.decode(c)).cpu())
+    images = torch.cat(images) if images else torch.zeros(0, 3, size * tok.downsample, size * tok.downsample, dtype=torch.uint8)
+    shard = f"{args.out}.rank{rank}.npy"
+    np.save(shard, images.permute(0, 2, 3, 1).numpy())
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        shards = [f"{args.out}.rank{r}.npy" for r in range(world)]
+        if grid:
+            save_grid(torch.from_numpy(np.concatenate([np.load(s) for s in shards])).permute(0, 3, 1, 2),
+                      len(labels), args.out)
+        else:
+            write_adm_npz(args.out, shards, y.numpy())
+        for s in shards:
+            os.remove(s)
+        recipe = (f"{n} samples from {ckpt_path} (EMA, step {step}, {a['objective']}), tau={args.tau} "
+                  f"cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
+        print(f"purr sample: {recipe} -> {args.out}", flush=True)
+        if args.entropy_map and entropies and world == 1:
+            emap = os.path.splitext(args.out)[0] + "_entropy.png"
+            save_grid(heat(torch.cat(entropies) / math.log(a["codebook_size"]), images.shape[-1]), len(labels), emap)
+            print(f"entropy of pi at t={args.entropy_t} (0 black .. log K white) -> {emap}")
+        if args.fid_ref:
+            ours, ref = fid.statistics(args.out), fid.statistics(args.fid_ref)
+            score = fid.frechet_distance(ours["mu"], ours["sigma"], ref["mu"], ref["sigma"])
+            print(f"FID {score:.3f} vs {args.fid_ref}: {recipe}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,6 +785,8 @@ def parser():
     t.add_argument("--global-batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--ema-decay", type=float)
+    t.add_argument("--objective", default="purr", choices=OBJECTIVES,
+                   help="purr (Eq. 14) or a baseline of Sec. 4.1: cfm, cfm-endpoint, dfm")
     t.add_argument("--z-loss", type=float, default=1e-5, help="weight of (log Z)^2 (App. D)")
     t.add_argument("--class-dropout", type=float, default=0.1, help="label drop rate, for guidance")
     t.add_argument("--results-dir", default="results")
@@ -681,7 +810,10 @@ def parser():
     s.add_argument("--num-samples", type=int, help="default: 8 per class label")
     s.add_argument("--class-labels", type=int, nargs="+")
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--out", default="samples.png", help=".png: a grid, one row per label; .npz: ADM batch")
+    s.add_argument("--fid-ref", help="reference statistics .npz: print the FID of the samples (fid.py)")
+    s.add_argument("--entropy-map", action="store_true", help="also save the entropy of pi per position")
+    s.add_argument("--entropy-t", type=float, default=0.5, help="the time t of the entropy map")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=sample)
     return p
@@ -691,7 +823,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (PurrError, vqlib.TokenizerError) as e:
+    except (PurrError, vqlib.TokenizerError, fid.FIDError) as e:
         sys.exit(f"purr {args.cmd}: error: {e}")
 
 
