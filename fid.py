@@ -227,15 +227,27 @@ def load_inception(path=None, preprocess="fidelity"):
 # ----------------------------------------------------------------------------------------------
 # Image sources: (count, iterator of uint8 [B, 3, H, W] batches), checked before any network runs.
 
-def _read_image(f):
+def center_crop(img, size):
+    """ADM's center crop (also purr's training crop): halve with a box filter while the image is at
+    least 2x too large, resize bicubic so the short side is `size`, cut the center square."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
+    arr = np.asarray(img.convert("RGB"))
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size]
+
+
+def _read_image(f, crop=None):
     try:
         with Image.open(f) as im:
-            return np.asarray(im.convert("RGB"))
+            return center_crop(im, crop) if crop else np.asarray(im.convert("RGB"))
     except Exception as e:
         raise FIDError(f"{f}: cannot read image ({type(e).__name__})") from None
 
 
-def _folder(root, batch_size, limit):
+def _folder(root, batch_size, limit, crop):
     files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTS)[:limit]
     if not files:
         raise FIDError(f"{root}: no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}) in this folder")
@@ -244,12 +256,12 @@ def _folder(root, batch_size, limit):
         size = None
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
             for i in range(0, len(files), batch_size):
-                imgs = list(pool.map(_read_image, files[i:i + batch_size]))
+                imgs = list(pool.map(_read_image, files[i:i + batch_size], [crop] * batch_size))
                 size = size or imgs[0].shape
                 for f, im in zip(files[i:], imgs):
                     if im.shape != size:
                         raise FIDError(f"{f}: size {im.shape[1]}x{im.shape[0]} differs from {files[0]}'s "
-                                       f"{size[1]}x{size[0]}; resize or crop all images to one size")
+                                       f"{size[1]}x{size[0]}; pass --center-crop 256 (ADM's crop)")
                 yield torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
     return len(files), batches()
 
@@ -278,15 +290,16 @@ def _npz(path, batch_size, limit):
     return n, batches()
 
 
-def images(src, batch_size=50, num_images=None):
-    """A folder (recursive), an ADM sample batch .npz, or a uint8 [N, 3, H, W] tensor, as batches."""
+def images(src, batch_size=50, num_images=None, crop=None):
+    """A folder (recursive; its images center-cropped to `crop` if given), an ADM sample batch .npz, or a
+    uint8 [N, 3, H, W] tensor, as batches."""
     if torch.is_tensor(src):
         if src.dtype != torch.uint8 or src.ndim != 4 or src.shape[1] != 3:
             raise FIDError(f"expected uint8 images [N, 3, H, W], got {src.dtype} {list(src.shape)}")
         x = src[:num_images]
         n, batches = len(x), (x[i:i + batch_size] for i in range(0, len(x), batch_size))
     elif Path(src).is_dir():
-        n, batches = _folder(src, batch_size, num_images)
+        n, batches = _folder(src, batch_size, num_images, crop)
     elif str(src).endswith(".npz") and Path(src).is_file():
         n, batches = _npz(src, batch_size, num_images)
     else:
@@ -299,9 +312,9 @@ def images(src, batch_size=50, num_images=None):
 # ----------------------------------------------------------------------------------------------
 # Statistics and the distance.
 
-def features(src, model, batch_size=50, num_images=None, progress_s=15.0):
+def features(src, model, batch_size=50, num_images=None, progress_s=15.0, crop=None):
     """Inception features [N, 2048] float32 of images(src); a progress line on stderr every progress_s seconds."""
-    n, batches = images(src, batch_size, num_images)
+    n, batches = images(src, batch_size, num_images, crop)
     device, name = next(model.parameters()).device, "tensor" if torch.is_tensor(src) else src
     out, done, t0, last = np.empty((n, 2048), np.float32), 0, time.time(), time.time()
     for x in batches:
@@ -328,12 +341,12 @@ def read_stats(path):
         raise FIDError(f"{path}: unreadable .npz ({type(e).__name__}: {e})") from None
 
 
-def statistics(src, model=None, batch_size=50, num_images=None, progress_s=15.0):
+def statistics(src, model=None, batch_size=50, num_images=None, progress_s=15.0, crop=None):
     """{"mu", "sigma", "num_images"} of a statistics .npz, or of images(src) through model (load_inception())."""
     stats = read_stats(src)
     if stats is not None:
         return stats
-    feats = features(src, model or load_inception(), batch_size, num_images, progress_s)
+    feats = features(src, model or load_inception(), batch_size, num_images, progress_s, crop)
     if len(feats) < 2:
         raise FIDError(f"{src}: a covariance needs at least 2 images, got {len(feats)}")
     return {"mu": feats.mean(0, dtype=np.float64), "sigma": np.cov(feats, rowvar=False), "num_images": len(feats)}
@@ -367,6 +380,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--preprocess", choices=PREPROCESS, default="fidelity",
                    help="fidelity: torch-fidelity's and ADM's TF1 resize (the paper's); pytorch-fid: torch resize")
+    p.add_argument("--center-crop", type=int, metavar="SIZE",
+                   help="center-crop folder images to SIZE^2 as ADM does (ImageNet val: 256)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-images", type=int,
                    help="use the first N images of each image source, e.g. 10000 for FID-10k (not of statistics)")
@@ -376,9 +391,9 @@ def main(argv=None):
         stats = [read_stats(x) for x in srcs]
         todo = [x for x, s in zip(srcs, stats) if s is None]
         for x in todo:  # a wrong path, an empty folder or a bad layout fails before the weights load
-            images(x, a.batch_size, a.num_images)
+            images(x, a.batch_size, a.num_images, a.center_crop)
         model = load_inception(a.inception, a.preprocess).to(a.device) if todo else None
-        stats = [s or statistics(x, model, a.batch_size, a.num_images) for x, s in zip(srcs, stats)]
+        stats = [s or statistics(x, model, a.batch_size, a.num_images, crop=a.center_crop) for x, s in zip(srcs, stats)]
         if a.save_stats:
             np.savez(a.B, **{k: v for k, v in stats[0].items() if v is not None})
             print(f"fid: wrote the statistics of {stats[0]['num_images']} images to {a.B}", file=sys.stderr)

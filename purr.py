@@ -359,17 +359,6 @@ def to_uint8(x):  # float [-1,1] -> uint8 [0,255]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
 
 
-def center_crop(img, size):
-    """ADM's center crop: halve with a box filter while the image is >= 2x too big, then bicubic."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
-    arr = np.asarray(img.convert("RGB"))
-    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[y:y + size, x:x + size]
-
-
 class ImageFolder(torch.utils.data.Dataset):
     """ImageNet layout: root/<class>/<image>; classes sorted by name. Items are (index, flip)."""
 
@@ -390,7 +379,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, flip = item
-        arr = center_crop(Image.open(self.files[i][0]), self.size)
+        with Image.open(self.files[i][0]) as im:
+            arr = fid.center_crop(im, self.size)
         x = torch.from_numpy(np.ascontiguousarray(arr[:, ::-1] if flip else arr)).permute(2, 0, 1)
         return x, self.labels[i]
 
@@ -471,6 +461,15 @@ def training_losses(model, objective, c, y, z0, t, u, codebook, z_weight):
     return {"loss": mse, "mse": mse}
 
 
+def train_step(model, opt, autocast, objective, c, y, z0, t, u, codebook, z_weight):
+    with autocast:
+        losses = training_losses(model, objective, c, y, z0, t, u, codebook, z_weight)
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    opt.step()
+    return losses
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -493,8 +492,23 @@ def open_data(args, device):
         tok = vqlib.fit_tiny(to_unit(images), seed=args.seed)
         tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
         return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
+    if os.path.isfile(os.path.join(args.data, "meta.json")):
+        return open_tokens(args.data, args.vq_ckpt, device)
     data = ImageFolder(args.data, args.image_size)
     return data, vqlib.load_tokenizer(args.vq, args.vq_ckpt).to(device)
+
+
+def open_tokens(folder, vq_ckpt, device):
+    """A folder written by `purr.py extract`: memory-mapped tokens, no encoder in the training loop."""
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    done = np.load(os.path.join(folder, "done.npy"), mmap_mode="r")
+    if not done.all():
+        raise PurrError(f"{folder}: extraction is incomplete ({int(done.sum())}/{len(done)} images); "
+                        "rerun the same 'purr.py extract' command to finish it")
+    tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    tok = vqlib.load_tokenizer(meta["vq"], vq_ckpt or meta["vq_ckpt"]).to(device)
+    return TokenFolder(tokens, labels, len(meta["classes"])), tok
 
 
 def setup_distributed():
@@ -601,12 +615,8 @@ def train(args):
         t = torch.rand(G, generator=g)[sl].to(device)
         drop = (torch.rand(G, generator=g) < args.class_dropout)[sl].to(device)
         u = torch.rand(G, size, size, generator=g)[sl].to(device)
-        with autocast:
-            losses = training_losses(ddp, args.objective, c, torch.where(drop, data.num_classes, y), z0, t, u,
-                                     codebook, args.z_loss)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
+        losses = train_step(ddp, opt, autocast, args.objective, c, torch.where(drop, data.num_classes, y), z0, t, u,
+                            codebook, args.z_loss)
         update_ema(ema, model, args.ema_decay)
         step += 1
         sums = sums + torch.stack([v.detach().float() for v in losses.values()])
@@ -764,6 +774,89 @@ def sample(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Pre-extracted tokens and the throughput benchmark.
+
+@torch.inference_mode()
+def extract(args):
+    """Encode every image and its horizontal flip once into TOKENS_DIR: tokens.npy (uint16 [N,2,h,w],
+    memory-mapped), labels.npy, meta.json, and done.npy, which makes an interrupted run resumable."""
+    rank, world, device = setup_distributed()
+    data = ImageFolder(args.data, args.image_size)
+    tok = vqlib.load_tokenizer(args.vq, args.vq_ckpt).to(device)
+    if len(tok.codebook) > 65536:
+        raise PurrError(f"{args.vq} has {len(tok.codebook)} codes: more than uint16 tokens can hold")
+    h = args.image_size // tok.downsample
+    paths = {k: os.path.join(args.out, k + ".npy") for k in ("tokens", "labels", "done")}
+    if rank == 0 and not os.path.isfile(paths["done"]):
+        os.makedirs(args.out, exist_ok=True)
+        np.lib.format.open_memmap(paths["tokens"], "w+", np.uint16, (len(data), 2, h, h)).flush()
+        np.save(paths["labels"], data.labels.numpy())
+        json.dump({"vq": args.vq, "vq_ckpt": os.path.abspath(args.vq_ckpt), "image_size": args.image_size,
+                   "classes": data.classes}, open(os.path.join(args.out, "meta.json"), "w"), indent=1)
+        np.save(paths["done"], np.zeros(len(data), bool))
+    if world > 1:
+        torch.distributed.barrier()
+    tokens, done = np.load(paths["tokens"], mmap_mode="r+"), np.load(paths["done"], mmap_mode="r+")
+    todo = [i for i in range(rank, len(data), world) if not done[i]]
+    loader = torch.utils.data.DataLoader([(i, 0) for i in todo], batch_size=args.batch_size,
+                                         num_workers=args.num_workers, collate_fn=lambda items: items)
+    t0, n = time.time(), 0
+    for items in loader:
+        idx = [i for i, _ in items]
+        x = to_unit(torch.stack([data[item][0] for item in items]).to(device))
+        c = torch.stack([tok.encode(x), tok.encode(x.flip(3))], 1)
+        tokens[idx] = c.cpu().numpy().astype(np.uint16)
+        tokens.flush()
+        done[idx] = True  # only after the tokens are on disk
+        done.flush()
+        n += len(idx)
+        if rank == 0:
+            print(f"\rextract: {n}/{len(todo)} images on rank 0 ({n / (time.time() - t0):.1f} img/s)", end="", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"\nextract: {len(data)} images x 2 flips -> {args.out} ({h}x{h} tokens of {args.vq})")
+
+
+def bench(args):
+    """ms per training step (forward + backward + AdamW) on random tokens of ImageNet's shape."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    a = {"model": args.model, "objective": args.objective, "latent_size": args.latent_size,
+         "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
+    model = build_model(a).to(device)
+    fast = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    codebook = torch.randn(args.codebook_size, args.latent_channels, device=device)
+    B, s = args.batch_size, args.latent_size
+    batch = lambda: (torch.randint(0, args.codebook_size, (B, s, s), device=device),
+                     torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device),
+                     torch.rand(B, device=device), torch.rand(B, s, s, device=device))
+    times = []
+    for i in range(args.warmup + args.steps):
+        c, y, z0, t, u = batch()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(fast, opt, autocast, args.objective, c, y, z0, t, u, codebook, 1e-5)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    ms = 1000 * float(np.median(times[args.warmup:]))
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB peak allocated"
+    else:
+        import resource
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS"
+    n = sum(p.numel() for p in model.parameters())
+    print(f"bench {args.model} ({n / 1e6:.1f}M) {args.objective} K={args.codebook_size} latent {s}x{s}x{args.latent_channels} "
+          f"batch {B} {args.precision}{' compiled' if args.compile else ''} on {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu x{torch.get_num_threads()}'}: "
+          f"{ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {peak}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line.
 
 # (demo value, value with --data): the built-in demo is a small model trained briefly at a higher lr.
@@ -816,6 +909,27 @@ def parser():
     s.add_argument("--entropy-t", type=float, default=0.5, help="the time t of the entropy map")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=sample)
+    e = sub.add_parser("extract", help="encode an image folder (and flips) once into a token folder")
+    e.add_argument("--data", required=True, help="image folder, one sub-folder per class")
+    e.add_argument("--vq", default="llamagen-vq-ds8")
+    e.add_argument("--vq-ckpt", required=True)
+    e.add_argument("--out", required=True, help="token folder, then 'purr.py train --data TOKENS_DIR'")
+    e.add_argument("--image-size", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--num-workers", type=int, default=8)
+    e.set_defaults(func=extract)
+    b = sub.add_parser("bench", help="time training steps on random tokens: ms/step, img/s, peak memory")
+    b.add_argument("--model", default="B/2", choices=list(DiT_models))
+    b.add_argument("--objective", default="purr", choices=OBJECTIVES)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--latent-size", type=int, default=32)
+    b.add_argument("--latent-channels", type=int, default=8)
+    b.add_argument("--codebook-size", type=int, default=16384)
+    b.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32")
+    b.add_argument("--compile", action="store_true")
+    b.set_defaults(func=bench)
     return p
 
 
