@@ -180,8 +180,9 @@ class CrossEntropyZ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, c, chunk):
-        log_z = torch.cat([torch.logsumexp(l.float(), 1) for l in logits.split(chunk)])
-        ce = log_z - logits.gather(1, c[:, None])[:, 0].float()
+        acc = torch.promote_types(logits.dtype, torch.float32)  # accumulate in fp32 at least
+        log_z = torch.cat([torch.logsumexp(l.to(acc), 1) for l in logits.split(chunk)])
+        ce = log_z - logits.gather(1, c[:, None])[:, 0].to(acc)
         ctx.save_for_backward(logits, c, log_z)
         ctx.chunk = chunk
         return ce, log_z
@@ -193,7 +194,7 @@ class CrossEntropyZ(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for s in range(0, len(logits), ctx.chunk):
             e = s + ctx.chunk
-            grad[s:e] = (torch.exp(logits[s:e].float() - log_z[s:e, None]) * w[s:e, None]).to(grad.dtype)
+            grad[s:e] = (torch.exp(logits[s:e].to(log_z.dtype) - log_z[s:e, None]) * w[s:e, None]).to(grad.dtype)
         grad.scatter_add_(1, c[:, None], -g_ce[:, None].to(grad.dtype))
         return grad, None, None
 
@@ -270,6 +271,11 @@ def dfm_path(c, t, u, K, n=3):
     return torch.where(u < 1 - t.view(-1, 1, 1) ** n, K, c)
 
 
+def dfm_rate(t, n=3):
+    """The jump intensity kappa'(t) / (1 - kappa(t)) of the path towards x_1, kappa = t^n."""
+    return n * t ** (n - 1) / (1 - t ** n)
+
+
 def dfm_input(x, codebook):
     """The DiT reads indices as e_x (0 at MASK) plus a MASK-indicator channel: [B,d+1,h,w]."""
     K = len(codebook)
@@ -289,7 +295,7 @@ def sample_dfm(model, codebook, y, shape, tau=1.0, cfg_scale=1.0, num_steps=100,
         x1 = torch.multinomial(torch.softmax(logits.float().reshape(-1, K) / tau, -1), 1).view(shape)
         if s == T - 1:
             return x1
-        jump = torch.rand(shape, device=x.device) < 1 - math.exp(-(n * t ** (n - 1) / (1 - t ** n)) / T)
+        jump = torch.rand(shape, device=x.device) < 1 - math.exp(-dfm_rate(t, n) / T)
         x = torch.where(jump & (x != x1), x1, x)
 
 
@@ -861,7 +867,7 @@ def bench(args):
 
 # (demo value, value with --data): the built-in demo is a small model trained briefly at a higher lr.
 TRAIN_DEFAULTS = {"model": ("T/2", "S/2"), "steps": (2000, 400_000), "global_batch_size": (64, 256),
-                  "lr": (5e-4, 1e-4), "ema_decay": (0.998, 0.9999), "log_every": (100, 100),
+                  "lr": (2e-3, 1e-4), "ema_decay": (0.998, 0.9999), "log_every": (100, 100),
                   "ckpt_every": (1000, 50_000)}
 
 

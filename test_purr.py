@@ -116,6 +116,7 @@ def test_loss_equals_hand_computed_cross_entropy_and_z_loss():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_chunked_loss_gradient_equals_autograd_of_the_formula(dtype):
+    torch.manual_seed(0)
     logits = (3 * torch.randn(2, 3, 5, 37, dtype=torch.float64)).to(dtype).requires_grad_()
     c = torch.randint(0, 37, (2, 3, 5))
     ce, zl = purr.purr_loss(logits, c, z_weight=0.1, chunk=7)  # chunks that do not divide N = 30
@@ -230,6 +231,217 @@ def test_short_demo_training_lowers_the_loss_and_samples(tmp_path):
     purr.main(["sample", "--results-dir", str(tmp_path), "--num-steps", "5", "--num-samples", "20",
                "--out", str(out)])
     assert Image.open(out).size == (2 + 2 * 34, 2 + 10 * 34)  # one row per class
+
+
+# --- The baselines (Sec. 4.1): CFM, CFM-endpoint, DFM ----------------------------------------------------
+
+class Fixed(torch.nn.Module):
+    """A 'network' returning a fixed output [B,h,w,C] (for checking a loss or a sampler step by hand)."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.inputs = out, []
+
+    def forward(self, z, t, y):
+        self.inputs.append((z.clone(), t.clone()))
+        return self.out
+
+    def forward_with_cfg(self, z, t, y, cfg_scale):
+        return self(z, t, y)
+
+
+def test_each_objective_loss_equals_its_formula():
+    codebook, c = torch.randn(6, 2), torch.tensor([[[0, 5], [3, 3]]])
+    z0, t, u, y = torch.randn(1, 2, 2, 2), torch.tensor([0.3]), torch.tensor([[[0.1, 0.99], [0.5, 0.2]]]), torch.tensor([0])
+    z1 = codebook[c].permute(0, 3, 1, 2)
+    out = torch.randn(1, 2, 2, 2)
+    for objective, target in (("cfm", z1 - z0), ("cfm-endpoint", z1)):
+        net = Fixed(out)
+        losses = purr.training_losses(net, objective, c, y, z0, t, u, codebook, 1e-5)
+        assert torch.allclose(losses["loss"], ((out.permute(0, 3, 1, 2) - target) ** 2).mean())
+        assert torch.allclose(net.inputs[0][0], 0.3 * z1 + 0.7 * z0)  # the same interpolant as Purrception
+    logits = torch.randn(1, 2, 2, 6)
+    net = Fixed(logits)
+    losses = purr.training_losses(net, "dfm", c, y, z0, t, u, codebook, 1e-5)
+    assert torch.allclose(losses["loss"], F.cross_entropy(logits.reshape(-1, 6), c.reshape(-1)))
+    # kappa(0.3) = 0.027: positions with u < 0.973 are MASK (zero vector, indicator 1); u = 0.99 keeps c = 5
+    x = net.inputs[0][0]
+    assert torch.equal(x[0, 2], torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    assert torch.equal(x[0, :2, 0, 1], codebook[5]) and torch.equal(x[0, :2, 0, 0], torch.zeros(2))
+
+
+def test_baseline_samplers_first_steps_by_hand():
+    codebook, T = torch.randn(6, 2), 4
+    z0, y, out = torch.randn(1, 2, 2, 2), torch.tensor([0]), torch.randn(1, 2, 2, 2)
+    v = out.permute(0, 3, 1, 2)
+    # CFM: the output is the velocity; CFM-endpoint: (z1_hat - z_t)/(1 - t). T Euler steps of a constant output:
+    z = purr.sample_latents(Fixed(out), codebook, y, z0, num_steps=T, objective="cfm")
+    assert torch.allclose(z, z0 + v, atol=1e-5)
+    net = Fixed(out)
+    z = purr.sample_latents(net, codebook, y, z0, num_steps=T, objective="cfm-endpoint")
+    assert torch.allclose(net.inputs[1][0], z0 + (v - z0) / T, atol=1e-6) and torch.allclose(z, v, atol=1e-5)
+    # DFM, T = 2: from all-MASK draw x1; at t = 0 the rate kappa'/(1-kappa) is 0, so nothing jumps; then
+    # the last step returns a fresh draw x1.
+    logits = torch.randn(1, 2, 2, 6)
+    torch.manual_seed(0)
+    got = purr.sample_dfm(Fixed(logits), codebook, y, (1, 2, 2), tau=0.5, num_steps=2)
+    torch.manual_seed(0)
+    probs = torch.softmax(logits.reshape(-1, 6) / 0.5, -1)
+    torch.multinomial(probs, 1)
+    torch.rand(1, 2, 2)
+    assert torch.equal(got, torch.multinomial(probs, 1).view(1, 2, 2))
+    c = torch.randint(0, 6, (2, 3, 3))  # a posterior one-hot on c is reached by DFM too
+    assert torch.equal(purr.sample_dfm(Fixed(50.0 * F.one_hot(c, 6)), codebook, y, (2, 3, 3), num_steps=5), c)
+
+
+def test_dfm_path_and_jump_rate_match_flow_matching():
+    fm = pytest.importorskip("flow_matching", reason="flow-matching (test-only, requirements-test.txt) not installed")
+    from flow_matching.path import MixtureDiscreteProbPath
+    from flow_matching.path.scheduler import PolynomialConvexScheduler
+    K, c, t = 16, torch.randint(0, 16, (4, 5, 5)), torch.rand(4)
+    torch.manual_seed(1)
+    theirs = MixtureDiscreteProbPath(PolynomialConvexScheduler(n=3.0)).sample(
+        x_0=torch.full_like(c, K), x_1=c, t=t).x_t
+    torch.manual_seed(1)
+    assert torch.equal(purr.dfm_path(c, t, torch.rand(c.shape), K), theirs)
+    s = PolynomialConvexScheduler(n=3.0)(torch.tensor([0.1, 0.5, 0.9]))
+    assert torch.allclose(purr.dfm_rate(torch.tensor([0.1, 0.5, 0.9])), s.d_alpha_t / (1 - s.alpha_t))
+
+
+@pytest.mark.parametrize("objective", purr.OBJECTIVES)
+def test_short_run_of_each_objective_lowers_its_loss(objective, tmp_path):
+    run = train_cli(tmp_path, "--objective", objective, "--steps", "80", "--demo-size", "1000", "--log-every", "20",
+                    "--global-batch-size", "32")
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], log
+
+
+# --- Scale out: DDP, exact resume, tokens, bench ---------------------------------------------------------------
+
+def train_cli(root, *args):
+    a = purr.parser().parse_args(["train", "--results-dir", str(root), "--num-workers", "0", *args])
+    return a.func(a)
+
+
+def torchrun(nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(HERE, "purr.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def final_state(root):
+    return torch.load(purr.checkpoint_paths(str(root))[-1], weights_only=True)
+
+
+def test_two_processes_give_the_same_update_as_one(tmp_path):
+    common = ["train", "--steps", "3", "--global-batch-size", "8", "--demo-size", "200", "--log-every", "1"]
+    torchrun(2, *common, "--results-dir", str(tmp_path / "two"))
+    torchrun(1, *common, "--results-dir", str(tmp_path / "one"))
+    two, one = final_state(tmp_path / "two"), final_state(tmp_path / "one")
+    assert two["step"] == one["step"] == 3
+    for k in one["model"]:
+        assert torch.allclose(two["model"][k], one["model"][k], atol=1e-5), k
+    start = purr.build_model(one["args"]).state_dict()  # and training did move the weights
+    assert not torch.allclose(one["model"]["final_layer.linear.weight"], start["final_layer.linear.weight"])
+
+
+def test_resume_is_exact(tmp_path):
+    common = ["--global-batch-size", "8", "--demo-size", "200", "--ckpt-every", "2"]
+    train_cli(tmp_path / "straight", "--steps", "4", *common)
+    run = train_cli(tmp_path / "resumed", "--steps", "2", *common)
+    assert train_cli(tmp_path / "resumed", "--steps", "4", "--resume", *common) == run
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert all(torch.equal(a["opt"]["state"][i]["exp_avg_sq"], b["opt"]["state"][i]["exp_avg_sq"])
+               for i in a["opt"]["state"])
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_the_previous_survives(tmp_path):
+    run = train_cli(tmp_path, "--steps", "2", "--ckpt-every", "1", "--global-batch-size", "4", "--demo-size", "200")
+    first, last = (os.path.join(run, "checkpoints", f"000000{i}.pt") for i in (1, 2))
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) // 2)
+    assert_one_line_error(run_cli("sample", "--ckpt", last), "cannot be read", "truncated", first)
+    assert_one_line_error(run_cli("train", "--resume", "--results-dir", str(tmp_path), "--demo-size", "200"),
+                          "truncated", first)
+    assert purr.load_checkpoint(first)["step"] == 1
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Demo images as PNG files in ImageNet layout, and a tiny tokenizer file fitted on them."""
+    root = tmp_path_factory.mktemp("imgs")
+    images, labels = purr.demo_dataset(40, seed=5)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        os.makedirs(root / "data" / purr.DEMO_CLASSES[y], exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / "data" / purr.DEMO_CLASSES[y] / f"{i:03d}.png")
+    tok = vqlib.fit_tiny(purr.to_unit(images), codebook_size=64, iters=5)
+    torch.save({"name": "tiny", "config": tok.config(), "state": tok.state_dict()}, root / "tiny.pt")
+    return root
+
+
+def test_extract_tokens_equal_direct_encoding_and_train_the_same(image_folder, tmp_path):
+    data, tiny = str(image_folder / "data"), str(image_folder / "tiny.pt")
+    purr.main(["extract", "--data", data, "--vq", "tiny", "--vq-ckpt", tiny, "--out", str(tmp_path / "tok"),
+               "--image-size", "32", "--batch-size", "16", "--num-workers", "0"])
+    tokens = np.load(tmp_path / "tok" / "tokens.npy")
+    folder, tok = purr.ImageFolder(data, 32), vqlib.load_tokenizer("tiny", tiny)
+    x = torch.stack([folder[(i, 0)][0] for i in range(len(folder))])
+    assert tokens.dtype == np.uint16 and tokens.shape == (40, 2, 8, 8)
+    assert np.array_equal(tokens[:, 0], tok.encode(purr.to_unit(x)).numpy())
+    assert np.array_equal(tokens[:, 1], tok.encode(purr.to_unit(x.flip(3))).numpy())
+    assert np.array_equal(np.load(tmp_path / "tok" / "labels.npy"), folder.labels.numpy())
+    first = []
+    for src in (data, str(tmp_path / "tok")):
+        run = train_cli(tmp_path / os.path.basename(src), "--data", src, "--vq", "tiny", "--vq-ckpt", tiny,
+                        "--image-size", "32", "--model", "T/2", "--steps", "1", "--global-batch-size", "8",
+                        "--log-every", "1")
+        first.append(json.loads(open(os.path.join(run, "log.jsonl")).readline())["loss"])
+    assert first[0] == pytest.approx(first[1], rel=1e-6)
+
+
+def test_interrupted_extract_resumes_and_incomplete_tokens_are_refused(image_folder, tmp_path):
+    args = ["extract", "--data", str(image_folder / "data"), "--vq", "tiny", "--vq-ckpt", str(image_folder / "tiny.pt"),
+            "--out", str(tmp_path / "tok"), "--image-size", "32", "--batch-size", "16", "--num-workers", "0"]
+    purr.main(args)
+    done = np.load(tmp_path / "tok" / "done.npy", mmap_mode="r+")
+    complete = np.load(tmp_path / "tok" / "tokens.npy").copy()
+    done[5:20] = False
+    done.flush()
+    assert_one_line_error(run_cli("train", "--data", str(tmp_path / "tok")), "incomplete", "25/40")
+    purr.main(args)
+    assert np.load(tmp_path / "tok" / "done.npy").all()
+    assert np.array_equal(np.load(tmp_path / "tok" / "tokens.npy"), complete)
+
+
+def test_bench_prints_step_time_throughput_and_memory(capsys):
+    purr.main(["bench", "--model", "T/2", "--latent-size", "8", "--codebook-size", "64", "--batch-size", "4",
+               "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "ms/step" in out and "img/s" in out and "GiB peak" in out
+
+
+def test_sampling_across_ranks_writes_one_balanced_adm_batch(tiny_ckpt, tmp_path):
+    common = ["sample", "--ckpt", tiny_ckpt, "--num-steps", "3", "--num-samples", "13", "--batch-size", "4"]
+    torchrun(2, *common, "--out", str(tmp_path / "two.npz"))
+    purr.main([*common, "--out", str(tmp_path / "one.npz")])
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert two["arr_0"].shape == (13, 32, 32, 3) and two["arr_0"].dtype == np.uint8
+    assert np.array_equal(two["arr_1"], np.arange(13) % 10)
+    assert np.array_equal(two["arr_0"], one["arr_0"])  # the same images on any number of processes
+    assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]  # the rank shards are gone
+
+
+def test_entropy_map_is_written_beside_the_samples(tiny_ckpt, tmp_path):
+    purr.main(["sample", "--ckpt", tiny_ckpt, "--num-steps", "4", "--num-samples", "20", "--entropy-map",
+               "--out", str(tmp_path / "s.png")])
+    emap = np.asarray(Image.open(tmp_path / "s_entropy.png"))
+    assert emap.shape == np.asarray(Image.open(tmp_path / "s.png")).shape
+    # A 2-step model's pi is still uniform: entropy log K, the top of the scale (white) at every position.
+    assert emap[2:34, 2:34].min() >= 240 and (emap[:2] == 0).all()
 
 
 # --- Bad input: one line, no traceback ----------------------------------------------------------------
