@@ -387,7 +387,7 @@ class ImageFolder(torch.utils.data.Dataset):
         i, flip = item
         with Image.open(self.files[i][0]) as im:
             arr = fid.center_crop(im, self.size)
-        x = torch.from_numpy(np.ascontiguousarray(arr[:, ::-1] if flip else arr)).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(arr[:, ::-1] if flip else arr)).permute(2, 0, 1)  # a writable copy
         return x, self.labels[i]
 
 
