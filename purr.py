@@ -592,6 +592,10 @@ def train(args):
     if args.resume:
         path = checkpoint_paths(args.results_dir)[-1:] if args.resume == "latest" else [args.resume]
         ckpt = load_checkpoint(path[0] if path else None)
+        differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("model", "objective", "latent_size",
+                  "latent_channels", "codebook_size", "num_classes") if ckpt["args"][k] != vars(args)[k]]
+        if differ:
+            raise PurrError(f"{path[0]} was trained with {', '.join(differ)}: resume with the same model and data")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
