@@ -168,13 +168,14 @@ class Decoder(nn.Module):
 
 
 def _frozen(fn):
-    """Run under inference_mode (no autograd bookkeeping at all) and hand back an ordinary tensor
-    (cloned out of it), which callers may still modify in place or feed to autograd."""
+    """Run under inference_mode (no autograd bookkeeping at all) and hand back an ordinary tensor,
+    copied out of it in the default memory format, which callers may reshape, modify in place or
+    feed to autograd."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         with torch.inference_mode():
             out = fn(*args, **kwargs)
-        return out.clone()
+        return out.clone(memory_format=torch.contiguous_format)
     return run
 
 
