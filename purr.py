@@ -358,10 +358,6 @@ def to_unit(images):  # uint8 [0,255] -> float [-1,1]
     return images.float() / 127.5 - 1
 
 
-def to_uint8(x):  # float [-1,1] -> uint8 [0,255]
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
 
 
@@ -753,7 +749,7 @@ def sample(args):
             c = tok.quantize(sample_latents(model, tok.codebook, yb, z0, args.tau, args.cfg_scale, args.num_steps,
                                             args.method, a["objective"], record if args.entropy_map else None))
             entropies += seen
-        images.append(to_uint8(tok.decode(c)).cpu())
+        images.append(vqlib.to_uint8(tok.decode(c)).cpu())
     images = torch.cat(images) if images else torch.zeros(0, 3, size * tok.downsample, size * tok.downsample, dtype=torch.uint8)
     shard = f"{args.out}.rank{rank}.npy"
     np.save(shard, images.permute(0, 2, 3, 1).numpy())

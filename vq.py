@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fid
+
 
 class TokenizerError(ValueError):
     """A tokenizer file that is missing or is not the one asked for; the message is one line."""
@@ -451,18 +453,15 @@ def _load_tiny(path, overrides):
 # python vq.py recon: reconstruct a few images to check a downloaded tokenizer.
 
 def load_image(path, size):
-    """Central square crop, resized to size x size (bicubic), as a [1,3,size,size] tensor in [-1, 1]."""
+    """ADM's center crop to size x size (the same as training's), as a [1,3,size,size] tensor in [-1, 1]."""
     from PIL import Image
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        s = min(im.size)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)[None]
+        x = torch.from_numpy(fid.center_crop(im, size).astype(np.float32)).permute(2, 0, 1)[None]
     return x / 127.5 - 1
 
 
 def to_uint8(x):
+    """Images in [-1, 1] -> uint8 [0, 255]."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
