@@ -694,6 +694,15 @@ def write_adm_npz(path, shards, labels):
     os.replace(path + ".tmp", path)
 
 
+def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None):
+    """Noise z0 [B,d,h,w] -> code indices [B,h,w] with the objective's sampler: Algorithm 2 and a
+    nearest-code quantization of z_1 for purr and CFM, discrete Euler jumps for DFM (which ignores z0)."""
+    if objective == "dfm":
+        return sample_dfm(model, tok.codebook, y, z0[:, 0].shape, tau, cfg_scale, num_steps)
+    return tok.quantize(sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective,
+                                       on_logits))
+
+
 def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
     """EMA model, tokenizer, args and step of a checkpoint."""
     ckpt = load_checkpoint(ckpt_path)
@@ -737,18 +746,15 @@ def sample(args):
         # Each sample's noise comes from (seed, its index): the same images on any number of GPUs.
         z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(args.seed * 10_000_019 + j))
                           for j in idx]).to(device)
-        if a["objective"] == "dfm":
-            torch.manual_seed(args.seed * 10_000_019 + i)
-            c = sample_dfm(model, tok.codebook, yb, (len(yb), size, size), args.tau, args.cfg_scale, args.num_steps)
-        else:
-            seen = []
+        torch.manual_seed(args.seed * 10_000_019 + i)  # DFM's jumps
+        seen = []
 
-            def record(t, logits):  # the entropy of pi at the first evaluation with t >= --entropy-t
-                if not seen and t >= args.entropy_t:
-                    seen.append(entropy(logits, args.tau))
-            c = tok.quantize(sample_latents(model, tok.codebook, yb, z0, args.tau, args.cfg_scale, args.num_steps,
-                                            args.method, a["objective"], record if args.entropy_map else None))
-            entropies += seen
+        def record(t, logits):  # the entropy of pi at the first evaluation with t >= --entropy-t
+            if not seen and t >= args.entropy_t:
+                seen.append(entropy(logits, args.tau))
+        c = generate(model, tok, a["objective"], yb, z0, args.tau, args.cfg_scale, args.num_steps, args.method,
+                     record if args.entropy_map else None)
+        entropies += seen
         images.append(vqlib.to_uint8(tok.decode(c)).cpu())
     images = torch.cat(images) if images else torch.zeros(0, 3, size * tok.downsample, size * tok.downsample, dtype=torch.uint8)
     shard = f"{args.out}.rank{rank}.npy"
@@ -902,7 +908,7 @@ def parser():
     s.add_argument("--ckpt", help="checkpoint (default: the newest under --results-dir)")
     s.add_argument("--results-dir", default="results")
     s.add_argument("--vq-ckpt", help="tokenizer file, if it moved since training")
-    s.add_argument("--tau", type=float, default=1.0, help="softmax temperature (Eq. 15)")
+    s.add_argument("--tau", type=float, default=0.8, help="softmax temperature (Eq. 15); the paper uses 0.8-0.9")
     s.add_argument("--cfg-scale", type=float, default=1.0)
     s.add_argument("--num-steps", type=int, default=100)
     s.add_argument("--method", default="euler", choices=["euler", "midpoint", "rk4", "dopri5"])
