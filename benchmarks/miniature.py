@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import purr  # noqa: E402
 import vq as vqlib  # noqa: E402
-from demo_metric import demo_fd_and_accuracy, load_classifier  # noqa: E402
+from demo_metric import HELD_OUT_SEED, demo_fd_and_accuracy, load_classifier  # noqa: E402
 
 TAUS = [0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5]
 GRID_TAUS = [0.1, 0.3, 0.5, 0.8, 0.9, 1.0, 1.5]
@@ -34,9 +34,9 @@ COLORS = {"purr": (220, 60, 40), "cfm": (40, 90, 220), "cfm-endpoint": (60, 170,
           "real": (0, 0, 0), "tokenizer": (150, 150, 150)}
 
 
-def evaluate(ckpt, clf, tau, n, num_steps, seed=0, z0=None):
-    """Samples of a checkpoint (EMA), labels cycling over the classes -> (FD, accuracy, uint8 images)."""
-    model, tok, a, _ = purr.load_sampler(ckpt)
+def evaluate(sampler, clf, tau, n, num_steps, seed=0, z0=None):
+    """Samples of purr.load_sampler(ckpt) (EMA), labels cycling over the classes -> (FD, accuracy, uint8 images)."""
+    model, tok, a, _ = sampler
     y = torch.arange(n) % a["num_classes"]
     g = torch.Generator().manual_seed(seed)
     z0 = torch.randn(n, a["latent_channels"], a["latent_size"], a["latent_size"], generator=g) if z0 is None else z0
@@ -46,11 +46,10 @@ def evaluate(ckpt, clf, tau, n, num_steps, seed=0, z0=None):
     return (*demo_fd_and_accuracy(clf, images, y), images)
 
 
-def floors(ckpt, clf, n):
+def floors(tok, clf, n):
     """What the metric gives real held-out images, and the same images through the tokenizer (encode,
     decode): no generator in this token space can beat the second."""
-    _, tok, _, _ = purr.load_sampler(ckpt)
-    images, labels = purr.demo_dataset(n, seed=3)
+    images, labels = purr.demo_dataset(n, seed=HELD_OUT_SEED + 1)
     recon = vqlib.to_uint8(tok.decode(tok.encode(purr.to_unit(images))))
     return {"real": demo_fd_and_accuracy(clf, images, labels), "tokenizer": demo_fd_and_accuracy(clf, recon, labels)}
 
@@ -115,12 +114,13 @@ def main():
         train_s = time.time() - t0
         for ckpt in sorted(glob.glob(os.path.join(runs[obj], "checkpoints", "*.pt"))):
             t1 = time.time()
-            fd, acc, _ = evaluate(ckpt, clf, 0.9 if obj == "purr" else 1.0, a.num_samples, a.num_steps)
+            fd, acc, _ = evaluate(purr.load_sampler(ckpt), clf, 0.9 if obj == "purr" else 1.0, a.num_samples,
+                                  a.num_steps)
             rows.append({"objective": obj, "step": int(os.path.basename(ckpt)[:-3]), "fd": fd, "accuracy": acc,
                          "train_s": round(train_s, 1), "eval_s": round(time.time() - t1, 1)})
             print(rows[-1], flush=True)
-    final = sorted(glob.glob(os.path.join(runs["purr"], "checkpoints", "*.pt")))[-1]
-    ref = floors(final, clf, a.num_samples)
+    final = purr.load_sampler(sorted(glob.glob(os.path.join(runs["purr"], "checkpoints", "*.pt")))[-1])
+    ref = floors(final[1], clf, a.num_samples)
     with open(os.path.join(a.out, "miniature_convergence.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
@@ -150,8 +150,7 @@ def main():
            False)])
 
     # Fig. 4: two samples per class, the same z_0 and labels in every row; rows are GRID_TAUS, top to bottom.
-    model_args = purr.load_checkpoint(final)["args"]
-    z0 = torch.randn(20, model_args["latent_channels"], model_args["latent_size"], model_args["latent_size"],
+    z0 = torch.randn(20, final[2]["latent_channels"], final[2]["latent_size"], final[2]["latent_size"],
                      generator=torch.Generator().manual_seed(1))
     grid = torch.cat([evaluate(final, clf, tau, 20, a.num_steps, z0=z0)[2] for tau in GRID_TAUS])
     purr.save_grid(grid, len(GRID_TAUS), os.path.join(a.out, "miniature_tau_grid.png"))
