@@ -309,6 +309,19 @@ def test_short_run_of_each_objective_lowers_its_loss(objective, tmp_path):
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], log
 
 
+def test_demo_metric_scores_real_images_well_and_degraded_ones_badly(tmp_path):
+    """The miniature experiments' metric (benchmarks/demo_metric.py), with a classifier trained in seconds."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import demo_metric
+    clf = demo_metric.load_classifier(str(tmp_path / "clf.pt"), n_ref=1000, n=2000, epochs=4)
+    images, labels = purr.demo_dataset(500, seed=3)
+    fd, acc = demo_metric.demo_fd_and_accuracy(clf, images, labels)
+    assert acc > 0.95 and demo_metric.demo_fd_and_accuracy(clf, images, labels.roll(1))[1] < 0.05
+    blocky = F.interpolate(F.interpolate(images.float(), size=8, mode="area"), size=32).to(torch.uint8)
+    assert demo_metric.demo_fd_and_accuracy(clf, blocky, labels)[0] > 10 * fd
+    assert demo_metric.demo_fd_and_accuracy(demo_metric.load_classifier(str(tmp_path / "clf.pt")), images, labels) == (fd, acc)
+
+
 # --- Scale out: DDP, exact resume, tokens, bench ---------------------------------------------------------------
 
 def train_cli(root, *args):

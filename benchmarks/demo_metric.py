@@ -71,16 +71,17 @@ def statistics(features):
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def load_classifier(cache=None, n_ref=2000):
+def load_classifier(cache=None, n_ref=2000, **train):
     """The classifier from `cache` (default benchmarks/results/demo_classifier.pt), trained and saved
-    there first if missing, with the statistics of n_ref real held-out images."""
+    there first if missing (train: train_classifier's arguments), with the statistics of n_ref real
+    held-out images."""
     cache = cache or CACHE
     clf = Classifier()
     if os.path.isfile(cache):
         clf.load_state_dict(torch.load(cache, weights_only=True))
         return clf.eval()
     t0 = time.time()
-    clf = train_classifier()
+    clf = train_classifier(**train)
     images, labels = purr.demo_dataset(n_ref, seed=HELD_OUT_SEED)
     feats, pred = features_and_predictions(clf, images)
     mu, sigma = statistics(feats)
