@@ -349,6 +349,11 @@ def statistics(src, model=None, batch_size=50, num_images=None, progress_s=15.0,
     feats = features(src, model or load_inception(), batch_size, num_images, progress_s, crop)
     if len(feats) < 2:
         raise FIDError(f"{src}: a covariance needs at least 2 images, got {len(feats)}")
+    return moments(feats)
+
+
+def moments(feats):
+    """{"mu", "sigma", "num_images"} of features [N, D]: mean and covariance in float64."""
     return {"mu": feats.mean(0, dtype=np.float64), "sigma": np.cov(feats, rowvar=False), "num_images": len(feats)}
 
 

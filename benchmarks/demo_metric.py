@@ -9,7 +9,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,26 +66,22 @@ def features_and_predictions(clf, images, batch=500):
     return torch.cat([f for f, _ in out]).double().numpy(), torch.cat([l.argmax(1) for _, l in out])
 
 
-def statistics(features):
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
 def load_classifier(cache=None, n_ref=2000, **train):
     """The classifier from `cache` (default benchmarks/results/demo_classifier.pt), trained and saved
     there first if missing (train: train_classifier's arguments), with the statistics of n_ref real
     held-out images."""
     cache = cache or CACHE
-    clf = Classifier()
     if os.path.isfile(cache):
+        clf = Classifier()
         clf.load_state_dict(torch.load(cache, weights_only=True))
         return clf.eval()
     t0 = time.time()
     clf = train_classifier(**train)
     images, labels = purr.demo_dataset(n_ref, seed=HELD_OUT_SEED)
     feats, pred = features_and_predictions(clf, images)
-    mu, sigma = statistics(feats)
-    clf.ref_mu.copy_(torch.from_numpy(mu))
-    clf.ref_sigma.copy_(torch.from_numpy(sigma))
+    ref = fid.moments(feats)
+    clf.ref_mu.copy_(torch.from_numpy(ref["mu"]))
+    clf.ref_sigma.copy_(torch.from_numpy(ref["sigma"]))
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     torch.save(clf.state_dict(), cache)
     print(f"demo classifier: trained in {time.time() - t0:.0f} s, held-out accuracy "
@@ -98,8 +93,8 @@ def demo_fd_and_accuracy(clf, images, labels):
     """Fréchet distance of the images' features to the real held-out ones, and the fraction of images
     the classifier assigns to their intended labels."""
     feats, pred = features_and_predictions(clf, images)
-    mu, sigma = statistics(feats)
-    fd = fid.frechet_distance(mu, sigma, clf.ref_mu.numpy(), clf.ref_sigma.numpy())
+    ours = fid.moments(feats)
+    fd = fid.frechet_distance(ours["mu"], ours["sigma"], clf.ref_mu.numpy(), clf.ref_sigma.numpy())
     return fd, (pred == labels).float().mean().item()
 
 
