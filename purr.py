@@ -12,6 +12,7 @@ mu = sum_k pi_k e_k (Eq. 13), pi = softmax(logits / tau) (Eq. 15), then decodes 
 """
 import argparse
 import copy
+import datetime
 import functools
 import glob
 import json
@@ -19,6 +20,7 @@ import math
 import os
 import sys
 import time
+import types
 import zipfile
 
 import numpy as np
@@ -147,23 +149,34 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, z, t, y):
-        B, _, H, W = z.shape
-        p = self.patch
+    def patches(self, z, t, y):
+        """The outputs in token order: [B, tokens, p*p, out], each token's p x p latent positions."""
         x = self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             x = block(x, c)
-        x = self.final_layer(x, c).view(B, H // p, W // p, p, p, self.out_channels)
-        return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, self.out_channels)
+        return self.final_layer(x, c).unflatten(2, (self.patch ** 2, -1))
 
-    def forward_with_cfg(self, z, t, y, cfg_scale):
-        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u)."""
+    def unpatchify(self, x):
+        """[B, tokens, p*p, C] -> [B, H, W, C], channels-last."""
+        B, N, _, C = x.shape
+        g, p = math.isqrt(N), self.patch
+        return x.view(B, g, g, p, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g * p, g * p, C)
+
+    def forward(self, z, t, y):
+        return self.unpatchify(self.patches(z, t, y))
+
+    def forward_with_cfg(self, z, t, y, cfg_scale, head=None):
+        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u).
+        `head` maps each position's output before unpatchifying: the sampler's mu has d channels, not K,
+        so it never copies the K logits into image order."""
         if cfg_scale == 1.0:
-            return self(z, t, y)
-        null = torch.full_like(y, self.num_classes)
-        cond, uncond = self(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+            out = self.patches(z, t, y)
+        else:
+            null = torch.full_like(y, self.num_classes)
+            cond, uncond = self.patches(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            out = torch.lerp(uncond, cond, cfg_scale)
+        return self.unpatchify(head(out) if head else out)
 
 
 DIT_SIZES = {"T": (6, 256, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -193,9 +206,11 @@ class CrossEntropyZ(torch.autograd.Function):
         w = g_ce + g_log_z  # d ce/d l = pi - onehot(c), d log Z/d l = pi
         grad = torch.empty_like(logits)
         for s in range(0, len(logits), ctx.chunk):
-            e = s + ctx.chunk
-            grad[s:e] = (torch.exp(logits[s:e].to(log_z.dtype) - log_z[s:e, None]) * w[s:e, None]).to(grad.dtype)
-        grad.scatter_add_(1, c[:, None], -g_ce[:, None].to(grad.dtype))
+            e = min(s + ctx.chunk, len(logits))
+            g = torch.exp(logits[s:e].to(log_z.dtype) - log_z[s:e, None]) * w[s:e, None]
+            # The one-hot is subtracted in fp32, before the cast: in bf16, pi_c - 1 cancels to 0 for pi_c > 0.999.
+            g[torch.arange(e - s, device=g.device), c[s:e]] -= g_ce[s:e]
+            grad[s:e] = g
         return grad, None, None
 
 
@@ -208,10 +223,18 @@ def purr_loss(logits, c, z_weight=1e-5, chunk=8192):
 # ----------------------------------------------------------------------------------------------
 # The sampler (Eq. 13, 15; Algorithm 2).
 
-def posterior_mean(logits, codebook, tau):
-    """mu = sum_k pi_k e_k with pi = softmax(logits / tau) (Eq. 15). logits [B,h,w,K] -> mu [B,d,h,w]."""
-    pi = torch.softmax(logits.float() / tau, dim=-1)
-    return (pi @ codebook.float()).permute(0, 3, 1, 2)
+POSITIONS_PER_CHUNK = 4096  # rows of logits turned into fp32 at once by posterior_mean and entropy
+
+
+def posterior_mean(logits, codebook, tau, chunk=None):
+    """mu = sum_k pi_k e_k with pi = softmax(logits / tau) (Eq. 13, 15). logits [..., K] -> mu [..., d].
+    In fp32 whatever the autocast, and by chunks of positions: a guided XL/2 batch of 64 at K = 16384
+    has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.autocast(logits.device.type, enabled=False):
+        mu = torch.cat([torch.softmax(l.float() / tau, -1) @ codebook.float()
+                        for l in flat.split(chunk or POSITIONS_PER_CHUNK)])
+    return mu.view(*logits.shape[:-1], -1)
 
 
 def make_velocity(model, codebook, y, tau, cfg_scale, objective="purr", on_logits=None):
@@ -220,14 +243,13 @@ def make_velocity(model, codebook, y, tau, cfg_scale, objective="purr", on_logit
     tau (Eq. 15) tempers the guided logits the same way it tempers unguided ones.
     The continuous baselines: CFM's network is the velocity; CFM-endpoint's predicted z_1 takes mu's place."""
     def velocity(t, z):
+        def mu(logits):  # per position, before unpatchifying
+            if on_logits is not None:
+                on_logits(t, logits)
+            return posterior_mean(logits, codebook, tau)
         tt = t.expand(len(z)).to(z)
-        out = model.forward_with_cfg(z, tt, y, cfg_scale)
-        if objective == "cfm":
-            return out.permute(0, 3, 1, 2)
-        if on_logits is not None:
-            on_logits(t, out)
-        end = posterior_mean(out, codebook, tau) if objective == "purr" else out.permute(0, 3, 1, 2)
-        return (end - z) / (1 - tt).view(-1, 1, 1, 1)
+        out = model.forward_with_cfg(z, tt, y, cfg_scale, mu if objective == "purr" else None).float().permute(0, 3, 1, 2)
+        return out if objective == "cfm" else (out - z) / (1 - tt).view(-1, 1, 1, 1)
     return velocity
 
 
@@ -259,8 +281,9 @@ def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100
 
 def entropy(logits, tau):
     """Per-position entropy of pi = softmax(logits / tau): the model's uncertainty about the code."""
-    logp = torch.log_softmax(logits.float() / tau, -1)
-    return -(logp.exp() * logp).sum(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp = (torch.log_softmax(l.float() / tau, -1) for l in flat.split(POSITIONS_PER_CHUNK))
+    return torch.cat([-(lp.exp() * lp).sum(-1) for lp in logp]).view(logits.shape[:-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,8 +536,18 @@ def open_tokens(folder, vq_ckpt, device):
     return TokenFolder(tokens, labels, len(meta["classes"])), tok
 
 
+def default_precision():
+    """bf16 where the hardware runs it fast: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
+    kernels (AVX512-BF16, AMX); elsewhere (an AVX2-only CPU runs bf16 matmuls ~30x slower) fp32."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes); NCCL on GPUs, gloo on CPUs."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes); NCCL on GPUs, gloo on CPUs.
+    TF32 matmuls for fp32 work on GPUs (train and sample alike)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
@@ -570,7 +603,6 @@ def train(args):
     G, b = args.global_batch_size, args.global_batch_size // world
     if G % world:
         raise PurrError(f"--global-batch-size {G} is not divisible by the {world} processes")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     data, tok = open_data(args, device)
     codebook = tok.codebook.to(device)
     probe = data[(0, 0)][0]
@@ -601,7 +633,7 @@ def train(args):
         n_params = sum(p.numel() for p in model.parameters())
         print(f"purr train: {args.model} ({n_params / 1e6:.2f}M parameters), {len(data)} images, "
               f"tokenizer {tok.name} (K={args.codebook_size}, d={args.latent_channels}, latent {size}x{size}), "
-              f"{world} process(es) on {device}, run folder {run}", flush=True)
+              f"{world} process(es) on {device}, {args.precision}, run folder {run}", flush=True)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ddp = torch.compile(ddp) if args.compile else ddp
     loader = torch.utils.data.DataLoader(
@@ -661,6 +693,25 @@ def tokenizer_spec(tok, args):
 # ----------------------------------------------------------------------------------------------
 # Sampling.
 
+class Progress:
+    """`name: N/M unit, X unit/s, ETA ...` on stderr at most every `every` seconds and at the end. Rank 0
+    counts its own share and scales it to all ranks' (the shards are equal to within one batch)."""
+
+    def __init__(self, name, total, mine, unit, every=30.0):
+        self.name, self.total, self.scale, self.unit, self.every = name, total, total / max(mine, 1), unit, every
+        self.done, self.t0 = 0, time.time()
+        self.last = self.t0
+
+    def update(self, n):
+        self.done += n
+        now = time.time()
+        finished = round(self.done * self.scale) >= self.total
+        if now - self.last >= self.every or finished:
+            self.last, done, rate = now, min(round(self.done * self.scale), self.total), self.done * self.scale / (now - self.t0)
+            eta = "done" if finished else f"ETA {datetime.timedelta(seconds=round((self.total - done) / rate))}"
+            print(f"{self.name}: {done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {eta}", file=sys.stderr, flush=True)
+
+
 def save_grid(images, rows, path):
     """uint8 [N,3,H,W] -> one PNG, `rows` rows (one per class), 2-pixel gaps."""
     n, _, h, w = images.shape
@@ -694,13 +745,16 @@ def write_adm_npz(path, shards, labels):
     os.replace(path + ".tmp", path)
 
 
-def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None):
+def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None,
+             precision="fp32"):
     """Noise z0 [B,d,h,w] -> code indices [B,h,w] with the objective's sampler: Algorithm 2 and a
-    nearest-code quantization of z_1 for purr and CFM, discrete Euler jumps for DFM (which ignores z0)."""
-    if objective == "dfm":
-        return sample_dfm(model, tok.codebook, y, z0[:, 0].shape, tau, cfg_scale, num_steps)
-    return tok.quantize(sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective,
-                                       on_logits))
+    nearest-code quantization of z_1 for purr and CFM, discrete Euler jumps for DFM (which ignores z0).
+    bf16 runs the DiT in autocast; pi, mu, the ODE state and the tokenizer stay fp32."""
+    with torch.autocast(z0.device.type, torch.bfloat16, enabled=precision == "bf16"):
+        if objective == "dfm":
+            return sample_dfm(model, tok.codebook, y, z0[:, 0].shape, tau, cfg_scale, num_steps)
+        z1 = sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective, on_logits)
+    return tok.quantize(z1)
 
 
 def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
@@ -739,7 +793,11 @@ def sample(args):
     y = torch.tensor(labels).repeat_interleave(math.ceil(n / len(labels)))[:n] if grid else \
         torch.tensor(labels)[torch.arange(n) % len(labels)]
     size, d, mine = a["latent_size"], a["latent_channels"], range(rank * n // world, (rank + 1) * n // world)
-    images, entropies = [], []
+    net = torch.compile(model) if args.compile else model
+    if rank == 0:
+        print(f"purr sample: {n} images from {ckpt_path} on {world} process(es), {device}, {args.precision}",
+              file=sys.stderr, flush=True)
+    images, entropies, progress = [], [], Progress("sample", n, len(mine), "images")
     for i in range(mine.start, mine.stop, args.batch_size):
         idx = range(i, min(i + args.batch_size, mine.stop))
         yb = y[idx.start:idx.stop].to(device)
@@ -751,11 +809,13 @@ def sample(args):
 
         def record(t, logits):  # the entropy of pi at the first evaluation with t >= --entropy-t
             if not seen and t >= args.entropy_t:
-                seen.append(entropy(logits, args.tau))
-        c = generate(model, tok, a["objective"], yb, z0, args.tau, args.cfg_scale, args.num_steps, args.method,
-                     record if args.entropy_map else None)
+                seen.append(model.unpatchify(entropy(logits, args.tau)[..., None])[..., 0])
+        c = generate(net, tok, a["objective"], yb, z0, args.tau, args.cfg_scale, args.num_steps, args.method,
+                     record if args.entropy_map else None, args.precision)
         entropies += seen
         images.append(vqlib.to_uint8(tok.decode(c)).cpu())
+        if rank == 0:
+            progress.update(len(idx))
     images = torch.cat(images) if images else torch.zeros(0, 3, size * tok.downsample, size * tok.downsample, dtype=torch.uint8)
     shard = f"{args.out}.rank{rank}.npy"
     np.save(shard, images.permute(0, 2, 3, 1).numpy())
@@ -831,41 +891,68 @@ def extract(args):
         print(f"\nextract: {len(data)} images x 2 flips -> {args.out} ({h}x{h} tokens of {args.vq})")
 
 
+# Peak dense bf16 and TF32 tensor throughput (TFLOP/s) of common GPUs, for the MFU that bench prints.
+PEAK_TFLOPS = {"A100": (312, 156), "H100": (989, 494), "H200": (989, 494), "B200": (2250, 1100)}
+
+
 def bench(args):
-    """ms per training step (forward + backward + AdamW) on random tokens of ImageNet's shape."""
+    """Training: ms per step (forward + backward + AdamW) on random tokens of ImageNet's shape, with the
+    FLOP count and MFU. With --sample: sampling throughput with guidance (a 50k FID run's size). Both
+    report peak memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     a = {"model": args.model, "objective": args.objective, "latent_size": args.latent_size,
          "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
     model = build_model(a).to(device)
     fast = torch.compile(model) if args.compile else model
+    codebook = torch.randn(args.codebook_size, args.latent_channels, device=device)
+    B, s, sync = args.batch_size, args.latent_size, torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    head = (f"bench {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M) {args.objective} "
+            f"K={args.codebook_size} latent {s}x{s}x{args.latent_channels} batch {B} {args.precision}"
+            f"{' compiled' if args.compile else ''} on {where}")
+    if args.sample:
+        y, z0 = torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device)
+        tok = types.SimpleNamespace(codebook=codebook, quantize=lambda z: vqlib.nearest_code(z, codebook))
+        run = lambda n: generate(fast.eval(), tok, args.objective, y, z0, 1.0, args.cfg_scale, n, "euler", None, args.precision)
+        run(args.warmup)
+        sync()
+        t0 = time.perf_counter()
+        run(args.steps)
+        sync()
+        ms = 1000 * (time.perf_counter() - t0) / args.steps
+        print(f"{head}, sampling with cfg {args.cfg_scale}: {ms:.1f} ms per network evaluation ({1000 / ms:.2f} NFE/s), "
+              f"{1000 * B / ms / 100:.3f} images/s at 100 Euler steps, {peak_memory(device)}")
+        return
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    codebook = torch.randn(args.codebook_size, args.latent_channels, device=device)
-    B, s = args.batch_size, args.latent_size
     batch = lambda: (torch.randint(0, args.codebook_size, (B, s, s), device=device),
                      torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device),
                      torch.rand(B, device=device), torch.rand(B, s, s, device=device))
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:  # one untimed step of the eager model
+        train_step(model, opt, autocast, args.objective, *batch(), codebook, 1e-5)
     times = []
     for i in range(args.warmup + args.steps):
         c, y, z0, t, u = batch()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         train_step(fast, opt, autocast, args.objective, c, y, z0, t, u, codebook, 1e-5)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     ms = 1000 * float(np.median(times[args.warmup:]))
+    tflops = counter.get_total_flops() / ms / 1e9
+    peak = next((p[args.precision == "fp32"] for name, p in PEAK_TFLOPS.items() if name in where), None)
+    mfu = f", MFU {100 * tflops / peak:.1f}%" if peak else ""
+    print(f"{head}: {ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {counter.get_total_flops() / 1e12:.3g} TFLOP/step, "
+          f"{tflops:.3g} TFLOP/s{mfu}, {peak_memory(device)}")
+
+
+def peak_memory(device):
     if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB peak allocated"
-    else:
-        import resource
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS"
-    n = sum(p.numel() for p in model.parameters())
-    print(f"bench {args.model} ({n / 1e6:.1f}M) {args.objective} K={args.codebook_size} latent {s}x{s}x{args.latent_channels} "
-          f"batch {B} {args.precision}{' compiled' if args.compile else ''} on {torch.cuda.get_device_name() if device.type == 'cuda' else f'cpu x{torch.get_num_threads()}'}: "
-          f"{ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {peak}")
+        return f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB peak allocated"
+    import resource
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -899,7 +986,8 @@ def parser():
     t.add_argument("--log-every", type=int)
     t.add_argument("--ckpt-every", type=int)
     t.add_argument("--resume", nargs="?", const="latest", help="checkpoint to resume (default: newest)")
-    t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32")
+    t.add_argument("--precision", choices=["bf16", "fp32"], default=default_precision(),
+                   help="bf16 autocast for the DiT (default: bf16 where the hardware has fast bf16)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--num-workers", type=int, default=8)
     t.add_argument("--demo-size", type=int, default=10000, help="images in the built-in demo set")
@@ -921,6 +1009,9 @@ def parser():
     s.add_argument("--entropy-map", action="store_true", help="also save the entropy of pi per position")
     s.add_argument("--entropy-t", type=float, default=0.5, help="the time t of the entropy map")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--precision", choices=["bf16", "fp32"], default=default_precision(),
+                   help="bf16 autocast for the DiT; pi, mu and the ODE state stay fp32")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.set_defaults(func=sample)
     e = sub.add_parser("extract", help="encode an image folder (and flips) once into a token folder")
     e.add_argument("--data", required=True, help="image folder, one sub-folder per class")
@@ -940,8 +1031,10 @@ def parser():
     b.add_argument("--latent-size", type=int, default=32)
     b.add_argument("--latent-channels", type=int, default=8)
     b.add_argument("--codebook-size", type=int, default=16384)
-    b.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32")
+    b.add_argument("--precision", choices=["bf16", "fp32"], default=default_precision())
     b.add_argument("--compile", action="store_true")
+    b.add_argument("--sample", action="store_true", help="time sampling (Euler, guided) instead of training")
+    b.add_argument("--cfg-scale", type=float, default=1.5, help="with --sample: guidance doubles the batch")
     b.set_defaults(func=bench)
     return p
 
