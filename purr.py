@@ -11,13 +11,17 @@ mu = sum_k pi_k e_k (Eq. 13), pi = softmax(logits / tau) (Eq. 15), then decodes 
     torchrun --nproc_per_node=8 purr.py train --model XL/2 --data /imagenet/train --vq llamagen-vq-ds8 ...
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import functools
 import glob
+import itertools
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 import types
@@ -121,6 +125,7 @@ class DiT(nn.Module):
                  num_heads=16, mlp_ratio=4.0, num_classes=1000, codebook_size=16384, out_channels=None):
         super().__init__()
         self.in_channels, self.num_classes, self.patch = in_channels, num_classes, patch_size
+        self.grad_checkpoint = False
         self.out_channels = out_channels or codebook_size
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -154,7 +159,10 @@ class DiT(nn.Module):
         x = self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
-            x = block(x, c)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # recompute in backward: memory for compute
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
         return self.final_layer(x, c).unflatten(2, (self.patch ** 2, -1))
 
     def unpatchify(self, x):
@@ -403,11 +411,22 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, item):
+        """(image, label, unreadable files met): an unreadable file is replaced by the next readable one in
+        the folder's order, a function of the index alone, so the run stays reproducible on any number of
+        processes. The label is the replacement's."""
         i, flip = item
-        with Image.open(self.files[i][0]) as im:
-            arr = fid.center_crop(im, self.size)
+        bad = []
+        for j in itertools.chain(range(i, len(self)), range(i)):
+            try:
+                with Image.open(self.files[j][0]) as im:
+                    arr = fid.center_crop(im, self.size)
+                break
+            except Exception as e:  # whatever a damaged file makes Pillow raise
+                bad.append((j, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        else:
+            raise PurrError(f"no image in {len(self)} files of --data can be read")
         x = torch.from_numpy(np.array(arr[:, ::-1] if flip else arr)).permute(2, 0, 1)  # a writable copy
-        return x, self.labels[i]
+        return x, self.labels[j], bad
 
 
 class TokenFolder(torch.utils.data.Dataset):
@@ -421,7 +440,7 @@ class TokenFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, flip = item
-        return torch.from_numpy(np.asarray(self.tokens[i, flip], dtype=np.int64)), self.labels[i]
+        return torch.from_numpy(np.asarray(self.tokens[i, flip], dtype=np.int64)), self.labels[i], []
 
 
 @functools.lru_cache(maxsize=2)
@@ -486,13 +505,21 @@ def training_losses(model, objective, c, y, z0, t, u, codebook, z_weight):
     return {"loss": mse, "mse": mse}
 
 
-def train_step(model, opt, autocast, objective, c, y, z0, t, u, codebook, z_weight):
-    with autocast:
-        losses = training_losses(model, objective, c, y, z0, t, u, codebook, z_weight)
+def train_step(model, opt, autocast, micro_batches, objective, codebook, z_weight):
+    """One AdamW update from equal micro-batches (c, y, z0, t, u) that together are this process's share
+    of the global batch: the gradients of loss / N add up to the big batch's, and DDP all-reduces them
+    once, on the last micro-batch (no_sync on the others)."""
     opt.zero_grad(set_to_none=True)
-    losses["loss"].backward()
+    n, totals = len(micro_batches), {}
+    for i, batch in enumerate(micro_batches):
+        with model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext():
+            with autocast:
+                losses = training_losses(model, objective, *batch, codebook, z_weight)
+            (losses["loss"] / n).backward()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0) + v.detach().float() / n
     opt.step()
-    return losses
+    return totals
 
 
 @torch.no_grad()
@@ -579,10 +606,22 @@ def load_checkpoint(path):
     return ckpt
 
 
-def save_checkpoint(obj, path):
-    """Atomic: write beside, then rename, so an interrupted save never replaces a good checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def save_checkpoint(obj, path, keep=None):
+    """Atomic: write beside, then rename, so an interrupted or failed save never replaces a good
+    checkpoint. Then keep the newest `keep` checkpoints of the folder (all if None)."""
+    folder = os.path.dirname(path)
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # disk full, read-only, quota: torch reports some as RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        previous = sorted(glob.glob(os.path.join(folder, "*.pt")))
+        raise PurrError(f"cannot write checkpoint {path} ({str(e).splitlines()[0]}); "
+                        f"{shutil.disk_usage(folder).free / 2 ** 30:.1f} GiB free there; the previous checkpoint "
+                        f"{previous[-1] if previous else '(none)'} is intact") from None
+    for old in sorted(glob.glob(os.path.join(folder, "*.pt")))[:-keep] if keep else []:
+        os.remove(old)
 
 
 def new_run_dir(results, model):
@@ -592,17 +631,108 @@ def new_run_dir(results, model):
     return run
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # preemption, scancel, time limits, Ctrl-C
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Record SIGTERM/SIGINT/SIGUSR1 instead of dying: the loop finishes its step and saves."""
+    got = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield got
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def agree(world, device, *flags):
+    """All ranks see the sum of each flag over ranks (one small all-reduce per step)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+class Unreadable:
+    """The unreadable images met so far, over all ranks: each reported once (rank 0, stderr), counted in
+    the log; past max(5, 0.1 % of the data) the run stops with one line naming the first few."""
+
+    def __init__(self, data, world, device):
+        self.data, self.world, self.device, self.seen = data, world, device, {}
+        self.limit = max(5, len(data) // 1000)
+
+    def add(self, bad, rank):
+        mine = [b for b in bad if b[0] not in self.seen]
+        if not agree(self.world, self.device, len(mine))[0]:
+            return
+        gathered = [mine]
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, mine)
+        for i, why in sorted(set(b for part in gathered for b in part)):
+            if i not in self.seen and rank == 0:
+                print(f"unreadable image {self.data.files[i][0]} ({why}): replaced by the next readable file",
+                      file=sys.stderr, flush=True)
+            self.seen[i] = why
+        if len(self.seen) > self.limit:
+            first = ", ".join(self.data.files[i][0] for i in sorted(self.seen)[:5])
+            raise PurrError(f"{len(self.seen)} unreadable images in --data (more than {self.limit}), e.g. {first}: "
+                            "fix or remove them")
+
+
+def resolve_args(args, ckpt, demo):
+    """The run's settings: given flags, else the checkpoint's (on resume), else TRAIN_DEFAULTS. On resume
+    only RESUME_MAY_CHANGE may differ from the checkpoint; the changes are printed."""
+    changed = []
+    for k, (demo_value, value) in TRAIN_DEFAULTS.items():
+        given, old = getattr(args, k), (ckpt["args"].get(k) if ckpt else None)
+        if ckpt and given is not None and given != old:
+            if k not in RESUME_MAY_CHANGE:
+                raise PurrError(f"the checkpoint was trained with --{k.replace('_', '-')} {old}, not {given}: resume "
+                                "with the same model and data (a resumed run may change only "
+                                f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)})")
+            changed.append(f"--{k.replace('_', '-')} {old} -> {given}")
+        setattr(args, k, given if given is not None else old if ckpt else demo_value if demo else value)
+    return changed
+
+
+def split_batch(G, world, grad_accum, micro_batch_size):
+    """(this process's share, micro-batches per step) of the global batch G."""
+    if G % world:
+        raise PurrError(f"--global-batch-size {G} is not divisible by the {world} processes")
+    b = G // world
+    n = b // micro_batch_size if micro_batch_size else grad_accum
+    if n < 1 or b % n or (micro_batch_size and b % micro_batch_size):
+        raise PurrError(f"--global-batch-size {G} on {world} process(es) is {b} per process, which does not split "
+                        f"into {f'micro-batches of {micro_batch_size}' if micro_batch_size else f'{n} equal micro-batches'}; "
+                        "choose a divisor")
+    return b, n
+
+
+def draw_noise(G, sl, step, seed, size, d, class_dropout, device):
+    """z_0, t, label drops (and DFM's uniforms) of the whole global batch from (seed, step); each rank
+    takes its slice, so the update does not depend on the number of processes or micro-batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    z0 = torch.randn(G, d, size, size, generator=g)[sl]
+    t = torch.rand(G, generator=g)[sl]
+    drop = torch.rand(G, generator=g)[sl] < class_dropout
+    u = torch.rand(G, size, size, generator=g)[sl]
+    return z0.to(device), t.to(device), drop.to(device), u.to(device)
+
+
 def train(args):
     rank, world, device = setup_distributed()
     demo = args.data is None
-    for k, (demo_value, value) in TRAIN_DEFAULTS.items():
-        if getattr(args, k) is None:
-            setattr(args, k, demo_value if demo else value)
+    ckpt, path = None, None
+    if args.resume:
+        path = (checkpoint_paths(args.results_dir)[-1:] or [None])[0] if args.resume == "latest" else args.resume
+        ckpt = load_checkpoint(path)
+    changed = resolve_args(args, ckpt, demo)
     if args.model not in DiT_models:
         raise PurrError(f"unknown --model {args.model}; choose one of {', '.join(DiT_models)}")
-    G, b = args.global_batch_size, args.global_batch_size // world
-    if G % world:
-        raise PurrError(f"--global-batch-size {G} is not divisible by the {world} processes")
+    G = args.global_batch_size
+    b, n_micro = split_batch(G, world, args.grad_accum, args.micro_batch_size)
     data, tok = open_data(args, device)
     codebook = tok.codebook.to(device)
     probe = data[(0, 0)][0]
@@ -614,73 +744,114 @@ def train(args):
 
     torch.manual_seed(args.seed)
     model = build_model(vars(args)).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6)
     step, run = 0, None
-    if args.resume:
-        path = checkpoint_paths(args.results_dir)[-1:] if args.resume == "latest" else [args.resume]
-        ckpt = load_checkpoint(path[0] if path else None)
-        differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("model", "objective", "latent_size",
-                  "latent_channels", "codebook_size", "num_classes") if ckpt["args"][k] != vars(args)[k]]
+    if ckpt:
+        differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("latent_size", "latent_channels",
+                  "codebook_size", "num_classes") if ckpt["args"][k] != vars(args)[k]]
         if differ:
-            raise PurrError(f"{path[0]} was trained with {', '.join(differ)}: resume with the same model and data")
+            raise PurrError(f"{path} was trained with {', '.join(differ)}: resume with the same model and data")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
-        step, run = ckpt["step"], os.path.dirname(os.path.dirname(path[0]))
+        for group in opt.param_groups:  # the optimizer state carries the old lr; --lr on resume wins
+            group["lr"] = args.lr
+        step, run = ckpt["step"], os.path.dirname(os.path.dirname(path))
     if rank == 0:
         run = run or new_run_dir(args.results_dir, args.model)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"purr train: {args.model} ({n_params / 1e6:.2f}M parameters), {len(data)} images, "
               f"tokenizer {tok.name} (K={args.codebook_size}, d={args.latent_channels}, latent {size}x{size}), "
-              f"{world} process(es) on {device}, {args.precision}, run folder {run}", flush=True)
+              f"{world} process(es) x {n_micro} micro-batch(es) of {b // n_micro} on {device}, {args.precision}, "
+              f"run folder {run}" + (f", resumed at step {step}" if ckpt else ""), flush=True)
+        if changed:
+            print("resume: " + ", ".join(changed), flush=True)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ddp = torch.compile(ddp) if args.compile else ddp
     loader = torch.utils.data.DataLoader(
-        data, batch_sampler=RankBatches(len(data), step, args.steps, G, rank, world, args.seed),
+        data, batch_sampler=RankBatches(len(data), step, args.steps, G, rank, world, args.seed), collate_fn=collate,
         num_workers=args.num_workers if not demo else 0, pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    sums, t0, last = 0, time.time(), step
-    sl = slice(rank * b, (rank + 1) * b)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # Encoding inside inference mode yields inference tensors; clone() makes them usable by autograd.
-        c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x
-        # Noise, times, label drops (and DFM's uniforms) of the whole global batch from (seed, step);
-        # each rank takes its slice, so the update does not depend on the number of processes.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        z0 = torch.randn(G, args.latent_channels, size, size, generator=g)[sl].to(device)
-        t = torch.rand(G, generator=g)[sl].to(device)
-        drop = (torch.rand(G, generator=g) < args.class_dropout)[sl].to(device)
-        u = torch.rand(G, size, size, generator=g)[sl].to(device)
-        losses = train_step(ddp, opt, autocast, args.objective, c, torch.where(drop, data.num_classes, y), z0, t, u,
-                            codebook, args.z_loss)
-        update_ema(ema, model, args.ema_decay)
-        step += 1
-        sums = sums + torch.stack([v.detach().float() for v in losses.values()])
-        if step % args.log_every == 0 or step == args.steps:
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-            dt = time.time() - t0
-            rec = {"step": step, **dict(zip(losses, (sums / (world * (step - last))).tolist())),
-                   "steps_per_s": (step - last) / dt, "images_per_s": G * (step - last) / dt}
-            if rank == 0:
-                print("  ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
-                with open(os.path.join(run, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            sums, t0, last = 0, time.time(), step
-        if step % args.ckpt_every == 0 or step == args.steps:
-            if rank == 0:
-                path = os.path.join(run, "checkpoints", f"{step:07d}.pt")
-                save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                 "args": {k: v for k, v in vars(args).items() if k != "func"}, "step": step,
-                                 "vq": tokenizer_spec(tok, args)}, path)
-                print(f"saved {path}", flush=True)
-            if world > 1:
-                torch.distributed.barrier()
+    unreadable, log = Unreadable(data, world, device), Log(run if rank == 0 else None, world, G, step)
+    last_saved = path if ckpt else None
+    with stop_requests() as stop:
+        for x, y, bad in loader:
+            unreadable.add(bad, rank)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # Encoding inside inference mode yields inference tensors; clone() makes them usable by autograd.
+            c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x
+            z0, t, drop, u = draw_noise(G, slice(rank * b, (rank + 1) * b), step, args.seed, size,
+                                        args.latent_channels, args.class_dropout, device)
+            y = torch.where(drop, data.num_classes, y)
+            micro = list(zip(*(v.chunk(n_micro) for v in (c, y, z0, t, u))))
+            losses = train_step(ddp, opt, autocast, micro, args.objective, codebook, args.z_loss)
+            stopping, nonfinite = agree(world, device, bool(stop), not torch.isfinite(losses["loss"]))
+            if nonfinite:
+                raise PurrError(f"the loss is not finite at step {step + 1}; nothing after step {step} is saved; "
+                                f"the last good checkpoint is {last_saved or '(none)'}: resume from it with a lower --lr")
+            update_ema(ema, model, args.ema_decay)
+            step += 1
+            log.add(step, losses, len(unreadable.seen), final=step % args.log_every == 0 or step == args.steps)
+            if step % args.ckpt_every == 0 or step == args.steps or stopping:
+                last_saved = save_run(run, step, model, ema, opt, args, tok, rank, world, device)
+            if stopping:
+                if rank == 0:
+                    print(f"purr train: stopped by signal at step {step}/{args.steps}, saved {last_saved}; resume with: "
+                          f"python purr.py train --resume {last_saved} --results-dir {args.results_dir}"
+                          + (f" --data {args.data}" if args.data else ""), flush=True)
+                break
     if world > 1:
         torch.distributed.destroy_process_group()
     return run
+
+
+def collate(items):
+    """A rank's batch: stacked images (or tokens), labels, and the unreadable files met (index, why)."""
+    x, y, bad = zip(*items)
+    return torch.stack(x), torch.stack(y), [b for part in bad for b in part]
+
+
+def save_run(run, step, model, ema, opt, args, tok, rank, world, device):
+    """Rank 0 saves a checkpoint (never one of non-finite weights); every rank learns whether it worked."""
+    path, error = os.path.join(run, "checkpoints", f"{step:07d}.pt") if run else None, ""
+    if rank == 0:
+        try:
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise PurrError(f"the weights are not finite at step {step}; not saving them: resume from the "
+                                "previous checkpoint with a lower --lr")
+            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                             "args": {k: v for k, v in vars(args).items() if k != "func"}, "step": step,
+                             "vq": tokenizer_spec(tok, args)}, path, args.keep)
+            print(f"saved {path}", flush=True)
+        except PurrError as e:
+            error = str(e)
+    if agree(world, device, bool(error))[0]:
+        raise PurrError(error or "rank 0 could not save a checkpoint (see its message)")
+    return path
+
+
+class Log:
+    """Mean losses over ranks and steps since the last line; a line on stdout and in log.jsonl."""
+
+    def __init__(self, run, world, G, step):
+        self.run, self.world, self.G, self.last, self.sums, self.t0 = run, world, G, step, 0, time.time()
+
+    def add(self, step, losses, unreadable, final):
+        self.sums = self.sums + torch.stack(list(losses.values()))
+        if not final:
+            return
+        if self.world > 1:
+            torch.distributed.all_reduce(self.sums)
+        dt, n = time.time() - self.t0, step - self.last
+        rec = {"step": step, **dict(zip(losses, (self.sums / (self.world * n)).tolist())), "images": step * self.G,
+               "steps_per_s": n / dt, "images_per_s": self.G * n / dt, "unreadable": unreadable}
+        if self.run:
+            print("  ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
+            with open(os.path.join(self.run, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.sums, self.t0, self.last = 0, time.time(), step
 
 
 def tokenizer_spec(tok, args):
@@ -869,26 +1040,36 @@ def extract(args):
     if world > 1:
         torch.distributed.barrier()
     tokens, done = np.load(paths["tokens"], mmap_mode="r+"), np.load(paths["done"], mmap_mode="r+")
-    todo = [i for i in range(rank, len(data), world) if not done[i]]
-    loader = torch.utils.data.DataLoader([(i, 0) for i in todo], batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=lambda items: items)
-    t0, n = time.time(), 0
-    for items in loader:
-        idx = [i for i, _ in items]
-        x = to_unit(torch.stack([data[item][0] for item in items]).to(device))
-        c = torch.stack([tok.encode(x), tok.encode(x.flip(3))], 1)
-        tokens[idx] = c.cpu().numpy().astype(np.uint16)
-        tokens.flush()
-        done[idx] = True  # only after the tokens are on disk
-        done.flush()
-        n += len(idx)
-        if rank == 0:
-            print(f"\rextract: {n}/{len(todo)} images on rank 0 ({n / (time.time() - t0):.1f} img/s)", end="", flush=True)
+    labels = np.load(paths["labels"], mmap_mode="r+")
+    todo = [(i, 0) for i in range(rank, len(data), world) if not done[i]]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=[todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)],
+                                         num_workers=args.num_workers, collate_fn=collate)
+    # Each file is this rank's alone, so unreadable ones are reported and counted per rank, and a signal
+    # stops each rank at its next batch boundary without waiting for the others.
+    unreadable, progress = Unreadable(data, 1, device), Progress("extract", len(todo) * world, len(todo), "images")
+    with stop_requests() as stop:
+        for (x, y, bad), start in zip(loader, range(0, len(todo), args.batch_size)):
+            unreadable.add(bad, 0)
+            idx = [i for i, _ in todo[start:start + args.batch_size]]
+            x = to_unit(x.to(device))
+            c = torch.stack([tok.encode(x), tok.encode(x.flip(3))], 1)
+            tokens[idx], labels[idx] = c.cpu().numpy().astype(np.uint16), y.numpy()  # a replaced file's label too
+            tokens.flush()
+            labels.flush()
+            done[idx] = True  # only after the tokens are on disk
+            done.flush()
+            if rank == 0:
+                progress.update(len(idx))
+            if stop:
+                print(f"extract: stopped by signal on rank {rank} with {int(done.sum())}/{len(data)} images done; "
+                      "rerun the same command to finish", flush=True)
+                return
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if rank == 0:
-        print(f"\nextract: {len(data)} images x 2 flips -> {args.out} ({h}x{h} tokens of {args.vq})")
+        print(f"extract: {len(data)} images x 2 flips -> {args.out} ({h}x{h} tokens of {args.vq}), "
+              f"{len(unreadable.seen)} unreadable replaced on rank 0")
 
 
 # Peak dense bf16 and TF32 tensor throughput (TFLOP/s) of common GPUs, for the MFU that bench prints.
@@ -931,13 +1112,13 @@ def bench(args):
                      torch.rand(B, device=device), torch.rand(B, s, s, device=device))
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:  # one untimed step of the eager model
-        train_step(model, opt, autocast, args.objective, *batch(), codebook, 1e-5)
+        train_step(model, opt, autocast, [batch()], args.objective, codebook, 1e-5)
     times = []
     for i in range(args.warmup + args.steps):
         c, y, z0, t, u = batch()
         sync()
         t0 = time.perf_counter()
-        train_step(fast, opt, autocast, args.objective, c, y, z0, t, u, codebook, 1e-5)
+        train_step(fast, opt, autocast, [(c, y, z0, t, u)], args.objective, codebook, 1e-5)
         sync()
         times.append(time.perf_counter() - t0)
     ms = 1000 * float(np.median(times[args.warmup:]))
@@ -958,40 +1139,59 @@ def peak_memory(device):
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-# (demo value, value with --data): the built-in demo is a small model trained briefly, at a higher lr and
-# with a short EMA (half-life ~70 steps), since 1,500 steps are too few for the paper's 1e-4 and 0.9999.
+# (demo value, value with --data). The paper's recipe (App. C) for --data runs; the built-in demo is a small
+# model trained briefly, at a higher lr and with a short EMA (half-life ~70 steps), since 1,500 steps are too
+# few for the paper's 1e-4 and 0.9999. On resume, a flag not given takes the checkpoint's value.
 TRAIN_DEFAULTS = {"model": ("T/2", "S/2"), "steps": (1500, 400_000), "global_batch_size": (64, 256),
                   "lr": (2e-3, 1e-4), "ema_decay": (0.99, 0.9999), "log_every": (100, 100),
-                  "ckpt_every": (500, 50_000)}
+                  "ckpt_every": (500, 50_000), "objective": ("purr", "purr"), "z_loss": (1e-5, 1e-5),
+                  "class_dropout": (0.1, 0.1), "seed": (0, 0), "precision": (default_precision(),) * 2,
+                  "num_workers": (0, 8), "keep": (0, 0), "grad_accum": (1, 1), "micro_batch_size": (0, 0),
+                  "grad_checkpoint": (False, False), "compile": (False, False)}
+# What a resumed run may change: schedule, logging, disk, and how the same global batch is computed.
+RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "ckpt_every", "num_workers", "keep", "precision", "grad_accum",
+                     "micro_batch_size", "grad_checkpoint", "compile")
+
+
+def default_help(k, text=""):
+    demo, data = TRAIN_DEFAULTS[k]
+    return f"{text}{' ' if text else ''}(default: {demo if demo == data else f'{data}; demo {demo}'})"
 
 
 def parser():
     p = argparse.ArgumentParser(prog="purr.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a DiT with the Purrception objective")
-    t.add_argument("--model", help="DiT config: " + ", ".join(DiT_models) + " (default S/2; demo T/2)")
-    t.add_argument("--data", help="image folder, one sub-folder per class (default: the built-in demo)")
+    t.add_argument("--model", help=default_help("model", "DiT config: " + ", ".join(DiT_models)))
+    t.add_argument("--data", help="image folder, one sub-folder per class, or a token folder from 'extract' "
+                                  "(default: the built-in demo)")
     t.add_argument("--vq", default="llamagen-vq-ds8", help="tokenizer: sd-vq-f8 | llamagen-vq-ds8")
     t.add_argument("--vq-ckpt", help="the tokenizer's official checkpoint file")
     t.add_argument("--image-size", type=int, default=256)
-    t.add_argument("--steps", type=int)
-    t.add_argument("--global-batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--ema-decay", type=float)
-    t.add_argument("--objective", default="purr", choices=OBJECTIVES,
-                   help="purr (Eq. 14) or a baseline of Sec. 4.1: cfm, cfm-endpoint, dfm")
-    t.add_argument("--z-loss", type=float, default=1e-5, help="weight of (log Z)^2 (App. D)")
-    t.add_argument("--class-dropout", type=float, default=0.1, help="label drop rate, for guidance")
+    t.add_argument("--steps", type=int, help=default_help("steps"))
+    t.add_argument("--global-batch-size", type=int, help=default_help("global_batch_size"))
+    t.add_argument("--grad-accum", type=int, help=default_help("grad_accum", "micro-batches per process and step"))
+    t.add_argument("--micro-batch-size", type=int, help=default_help(
+        "micro_batch_size", "images per micro-batch (another way to give --grad-accum; 0: one micro-batch)"))
+    t.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="recompute the DiT blocks' activations in the backward pass (less memory, ~1/3 more compute)")
+    t.add_argument("--lr", type=float, help=default_help("lr"))
+    t.add_argument("--ema-decay", type=float, help=default_help("ema_decay"))
+    t.add_argument("--objective", choices=OBJECTIVES,
+                   help=default_help("objective", "purr (Eq. 14) or a baseline of Sec. 4.1: cfm, cfm-endpoint, dfm"))
+    t.add_argument("--z-loss", type=float, help=default_help("z_loss", "weight of (log Z)^2 (App. D)"))
+    t.add_argument("--class-dropout", type=float, help=default_help("class_dropout", "label drop rate, for guidance"))
     t.add_argument("--results-dir", default="results")
-    t.add_argument("--log-every", type=int)
-    t.add_argument("--ckpt-every", type=int)
+    t.add_argument("--log-every", type=int, help=default_help("log_every"))
+    t.add_argument("--ckpt-every", type=int, help=default_help("ckpt_every"))
+    t.add_argument("--keep", type=int, help=default_help("keep", "keep the newest N checkpoints of the run (0: all)"))
     t.add_argument("--resume", nargs="?", const="latest", help="checkpoint to resume (default: newest)")
-    t.add_argument("--precision", choices=["bf16", "fp32"], default=default_precision(),
-                   help="bf16 autocast for the DiT (default: bf16 where the hardware has fast bf16)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--num-workers", type=int, default=8)
+    t.add_argument("--precision", choices=["bf16", "fp32"],
+                   help=default_help("precision", "bf16 autocast for the DiT; bf16 where the hardware has it fast"))
+    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    t.add_argument("--num-workers", type=int, help=default_help("num_workers"))
     t.add_argument("--demo-size", type=int, default=10000, help="images in the built-in demo set")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, help=default_help("seed"))
     t.set_defaults(func=train)
     s = sub.add_parser("sample", help="sample images from a checkpoint's EMA weights")
     s.add_argument("--ckpt", help="checkpoint (default: the newest under --results-dir)")
