@@ -422,7 +422,8 @@ class ImageFolder(torch.utils.data.Dataset):
                     arr = fid.center_crop(im, self.size)
                 break
             except Exception as e:  # whatever a damaged file makes Pillow raise
-                bad.append((j, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                said = str(e).splitlines()[0] if str(e) and self.files[j][0] not in str(e) else ""
+                bad.append((j, f"{type(e).__name__}{': ' + said if said else ''}"))
         else:
             raise PurrError(f"no image in {len(self)} files of --data can be read")
         x = torch.from_numpy(np.array(arr[:, ::-1] if flip else arr)).permute(2, 0, 1)  # a writable copy
@@ -795,7 +796,7 @@ def train(args):
             step += 1
             log.add(step, losses, len(unreadable.seen), final=step % args.log_every == 0 or step == args.steps)
             if step % args.ckpt_every == 0 or step == args.steps or stopping:
-                last_saved = save_run(run, step, model, ema, opt, args, tok, rank, world, device)
+                last_saved = save_run(run, step, model, ema, opt, args, tok, rank, world, device, last_saved)
             if stopping:
                 if rank == 0:
                     print(f"purr train: stopped by signal at step {step}/{args.steps}, saved {last_saved}; resume with: "
@@ -813,14 +814,14 @@ def collate(items):
     return torch.stack(x), torch.stack(y), [b for part in bad for b in part]
 
 
-def save_run(run, step, model, ema, opt, args, tok, rank, world, device):
+def save_run(run, step, model, ema, opt, args, tok, rank, world, device, last_saved):
     """Rank 0 saves a checkpoint (never one of non-finite weights); every rank learns whether it worked."""
     path, error = os.path.join(run, "checkpoints", f"{step:07d}.pt") if run else None, ""
     if rank == 0:
         try:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise PurrError(f"the weights are not finite at step {step}; not saving them: resume from the "
-                                "previous checkpoint with a lower --lr")
+                raise PurrError(f"the weights are not finite at step {step}; not saving them; the last good checkpoint "
+                                f"is {last_saved or '(none)'}: resume from it with a lower --lr")
             save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "args": {k: v for k, v in vars(args).items() if k != "func"}, "step": step,
                              "vq": tokenizer_spec(tok, args)}, path, args.keep)
@@ -928,6 +929,14 @@ def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100
     return tok.quantize(z1)
 
 
+def default_labels(classes, grid):
+    """Every class for a small label set or an FID batch; a grid of a large one shows 8 classes (ImageNet's:
+    DiT's sample classes, dog, otter, ...), evenly spread otherwise."""
+    if classes <= 16 or not grid:
+        return list(range(classes))
+    return [207, 360, 387, 974, 88, 979, 417, 279] if classes == 1000 else [i * (classes - 1) // 7 for i in range(8)]
+
+
 def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
     """EMA model, tokenizer, args and step of a checkpoint."""
     ckpt = load_checkpoint(ckpt_path)
@@ -955,8 +964,10 @@ def sample(args):
     rank, world, device = setup_distributed()
     model, tok, a, step = load_sampler(ckpt_path, args.vq_ckpt, device)
     classes, grid = a["num_classes"], args.out.endswith(".png")
-    labels = args.class_labels or (list(range(classes)) if classes <= 16 or not grid else
-                                   [207, 360, 387, 974, 88, 979, 417, 279])
+    labels = args.class_labels or default_labels(classes, grid)
+    if args.entropy_map and a["objective"] != "purr":
+        raise PurrError(f"--entropy-map shows the entropy of Purrception's posterior over codes; this "
+                        f"{a['objective']} checkpoint has none")
     if not all(0 <= l < classes for l in labels):
         raise PurrError(f"--class-labels must lie in [0, {classes - 1}]")
     n = args.num_samples or 8 * len(labels)

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -359,6 +360,11 @@ def torchrun(nproc, *args):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def glob_one(root, name):
+    (path,) = Path(root).rglob(name)
+    return path
+
+
 def final_state(root):
     return torch.load(purr.checkpoint_paths(str(root))[-1], weights_only=True)
 
@@ -412,6 +418,149 @@ def image_folder(tmp_path_factory):
     tok = vqlib.fit_tiny(purr.to_unit(images), codebook_size=64, iters=5)
     torch.save({"name": "tiny", "config": tok.config(), "state": tok.state_dict()}, root / "tiny.pt")
     return root
+
+
+def test_sigterm_saves_exits_0_and_resume_equals_no_interruption(tmp_path):
+    common = ["--global-batch-size", "8", "--demo-size", "200", "--ckpt-every", "1000", "--log-every", "1",
+              "--num-workers", "0"]
+    assert run_cli("train", "--steps", "40", "--results-dir", str(tmp_path / "straight"), *common).returncode == 0
+    cmd = [sys.executable, os.path.join(HERE, "purr.py"), "train", "--steps", "40", "--results-dir",
+           str(tmp_path / "cut"), *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in proc.stdout:  # wait until training is under way, then preempt
+        if line.startswith("step 3 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    reached = purr.load_checkpoint(purr.checkpoint_paths(str(tmp_path / "cut"))[-1])["step"]
+    assert 3 <= reached < 40 and f"stopped by signal at step {reached}/40" in out and "--resume" in out
+    assert run_cli("train", "--steps", "40", "--resume", "--results-dir", str(tmp_path / "cut"), *common).returncode == 0
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "cut")
+    assert a["step"] == b["step"] == 40
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_non_finite_loss_stops_with_one_line_and_no_bad_checkpoint(tmp_path):
+    proc = run_cli("train", "--steps", "30", "--ckpt-every", "1", "--lr", "1e12", "--global-batch-size", "8",
+                   "--demo-size", "200", "--results-dir", str(tmp_path))
+    assert_one_line_error(proc, "not finite at step", "last good checkpoint")
+    saved = purr.checkpoint_paths(str(tmp_path))
+    assert saved and all(torch.isfinite(v).all() for p in saved for v in purr.load_checkpoint(p)["model"].values())
+    assert os.path.basename(saved[-1]) in proc.stderr
+
+
+def test_keep_leaves_the_newest_checkpoints(tmp_path):
+    run = train_cli(tmp_path, "--steps", "4", "--ckpt-every", "1", "--keep", "2", "--global-batch-size", "4",
+                    "--demo-size", "200")
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000003.pt", "0000004.pt"]
+
+
+def test_save_into_a_full_disk_is_one_line_and_keeps_the_previous(tmp_path):
+    run = train_cli(tmp_path, "--steps", "1", "--global-batch-size", "4", "--demo-size", "200")
+    first = os.path.join(run, "checkpoints", "0000001.pt")
+    os.symlink("/dev/full", os.path.join(run, "checkpoints", "0000002.pt.tmp"))  # writes fail with ENOSPC
+    proc = run_cli("train", "--steps", "2", "--resume", "--results-dir", str(tmp_path), "--demo-size", "200")
+    assert_one_line_error(proc, "cannot write checkpoint", "0000002.pt", "GiB free", "0000001.pt is intact")
+    assert purr.load_checkpoint(first)["step"] == 1 and not os.path.lexists(first.replace("1.pt", "2.pt.tmp"))
+
+
+def test_resume_with_a_new_lr_trains_at_it(tmp_path):
+    common = ["--global-batch-size", "4", "--demo-size", "200", "--lr", "1e-3"]
+    train_cli(tmp_path, "--steps", "1", *common)
+    common[-1] = "1e-5"
+    train_cli(tmp_path, "--steps", "2", "--resume", *common)
+    ckpt = final_state(tmp_path)
+    assert ckpt["opt"]["param_groups"][0]["lr"] == 1e-5 and ckpt["args"]["lr"] == 1e-5
+    # and a flag not given on resume keeps the checkpoint's value, not the default
+    train_cli(tmp_path, "--steps", "3", "--resume", "--global-batch-size", "4", "--demo-size", "200")
+    assert final_state(tmp_path)["opt"]["param_groups"][0]["lr"] == 1e-5
+
+
+def test_global_batch_that_does_not_split_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("train", "--global-batch-size", "10", "--grad-accum", "4", "--results-dir",
+                                  str(tmp_path)), "--global-batch-size 10", "10 per process", "4 equal micro-batches")
+    assert_one_line_error(run_cli("train", "--global-batch-size", "8", "--micro-batch-size", "3", "--results-dir",
+                                  str(tmp_path)), "micro-batches of 3")
+
+
+def test_grad_checkpoint_gives_the_same_loss_and_gradients():
+    model, K = small_dit(K=32, d=4, size=4, patch=2), 32
+    batch = (torch.randint(0, K, (2, 4, 4)), torch.tensor([0, 1]), torch.randn(2, 4, 4, 4), torch.rand(2), None,
+             torch.randn(K, 4), 1e-5)
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.grad_checkpoint = checkpointing
+        loss = purr.training_losses(model, "purr", *batch)["loss"]
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(results[0][1], results[1][1]))
+
+
+def damaged_folder(root):
+    """Demo PNGs in ImageNet layout, with a truncated JPEG, an empty file, a CMYK JPEG and a palette PNG."""
+    images, labels = purr.demo_dataset(24, seed=7)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        os.makedirs(root / purr.DEMO_CLASSES[y], exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / purr.DEMO_CLASSES[y] / f"{i:03d}.png")
+    im = Image.fromarray(images[0].permute(1, 2, 0).numpy())
+    im.save(root / "circle" / "truncated.JPEG", quality=95)
+    data = (root / "circle" / "truncated.JPEG").read_bytes()
+    (root / "circle" / "truncated.JPEG").write_bytes(data[:len(data) // 2])
+    (root / "square" / "empty.jpg").write_bytes(b"")
+    im.convert("CMYK").save(root / "triangle" / "cmyk.JPEG")
+    im.convert("P", palette=Image.ADAPTIVE).save(root / "diamond" / "palette.png")
+    return ["circle/truncated.JPEG", "square/empty.jpg"]
+
+
+def test_unreadable_images_are_named_once_replaced_and_runs_agree(image_folder, tmp_path):
+    bad = damaged_folder(tmp_path / "data")
+    tiny = str(image_folder / "tiny.pt")
+    common = ["train", "--data", str(tmp_path / "data"), "--vq", "tiny", "--vq-ckpt", tiny, "--image-size", "32",
+              "--model", "T/2", "--steps", "6", "--global-batch-size", "8", "--log-every", "3", "--num-workers", "0"]
+    proc = run_cli(*common, "--results-dir", str(tmp_path / "one"))
+    assert proc.returncode == 0, proc.stderr
+    named = [l for l in proc.stderr.splitlines() if l.startswith("unreadable image")]
+    assert sorted(l.split()[2] for l in named) == sorted(str(tmp_path / "data" / b) for b in bad), named
+    log = [json.loads(l) for l in open(glob_one(tmp_path / "one", "log.jsonl"))]
+    assert log[-1]["unreadable"] == 2
+    torchrun(2, *common, "--results-dir", str(tmp_path / "two"))
+    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert all(torch.allclose(one["model"][k], two["model"][k], atol=1e-5) for k in one["model"])
+    proc = run_cli("extract", "--data", str(tmp_path / "data"), "--vq", "tiny", "--vq-ckpt", tiny, "--out",
+                   str(tmp_path / "tok"), "--image-size", "32", "--num-workers", "0")
+    assert proc.returncode == 0 and proc.stderr.count("unreadable image") == 2, proc.stderr
+    assert np.load(tmp_path / "tok" / "done.npy").all()
+
+
+def test_too_many_unreadable_images_stop_with_one_line(image_folder, tmp_path):
+    damaged_folder(tmp_path / "data")
+    for i in range(5):
+        (tmp_path / "data" / "star" / f"broken{i}.png").write_bytes(b"not an image")
+    proc = run_cli("train", "--data", str(tmp_path / "data"), "--vq", "tiny", "--vq-ckpt", str(image_folder / "tiny.pt"),
+                   "--image-size", "32", "--model", "T/2", "--steps", "8", "--global-batch-size", "32",
+                   "--num-workers", "0", "--results-dir", str(tmp_path / "r"))
+    *named, last = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(named) == 7
+    assert last.startswith("purr train: error: 7 unreadable images") and "more than 5" in last and "broken0.png" in last
+
+
+def test_three_splits_of_the_global_batch_give_the_same_weights(tmp_path):
+    common = ["train", "--steps", "3", "--global-batch-size", "8", "--demo-size", "200", "--log-every", "1",
+              "--num-workers", "0"]
+    torchrun(2, *common, "--grad-accum", "2", "--results-dir", str(tmp_path / "two_by_two"))
+    train_cli(tmp_path / "one_by_four", *common[1:], "--grad-accum", "4")
+    train_cli(tmp_path / "one", *common[1:])
+    ref = final_state(tmp_path / "one")
+    for split in ("two_by_two", "one_by_four"):
+        other = final_state(tmp_path / split)
+        for k in ref["model"]:
+            assert torch.allclose(other["model"][k], ref["model"][k], atol=1e-5), (split, k)
+    start = purr.build_model(ref["args"]).state_dict()
+    assert not torch.allclose(ref["model"]["final_layer.linear.weight"], start["final_layer.linear.weight"])
 
 
 def test_extract_tokens_equal_direct_encoding_and_train_the_same(image_folder, tmp_path):
@@ -552,6 +701,21 @@ def tiny_ckpt(tmp_path_factory):
     args = purr.parser().parse_args(["train", "--steps", "2", "--demo-size", "200", "--results-dir", str(root),
                                      "--global-batch-size", "4"])
     return os.path.join(args.func(args), "checkpoints", "0000002.pt")
+
+
+def test_default_grid_labels_exist_for_any_class_count():
+    for classes in (3, 16, 17, 100, 999, 1000):
+        labels = purr.default_labels(classes, grid=True)
+        assert len(set(labels)) == len(labels) == min(classes, 8 if classes > 16 else classes)
+        assert all(0 <= l < classes for l in labels)
+    assert purr.default_labels(100, grid=False) == list(range(100))
+
+
+def test_entropy_map_is_refused_without_a_posterior_over_codes(tmp_path):
+    args = purr.parser().parse_args(["train", "--steps", "1", "--demo-size", "200", "--results-dir", str(tmp_path),
+                                     "--global-batch-size", "4", "--objective", "cfm-endpoint"])
+    ckpt = os.path.join(args.func(args), "checkpoints", "0000001.pt")
+    assert_one_line_error(run_cli("sample", "--ckpt", ckpt, "--entropy-map"), "--entropy-map", "cfm-endpoint")
 
 
 def test_bad_sample_arguments_give_one_line_errors(tiny_ckpt, tmp_path):
@@ -705,7 +869,7 @@ def test_mismatched_checkpoint_names_every_bad_key(official, tmp_path):
     assert "\n" not in msg
 
 
-def test_wrong_or_missing_file_says_which_one(official):
+def test_wrong_or_missing_file_says_which_one(official, tmp_path):
     sd_ckpt, llamagen_ckpt = official("seeded", "sd-vq-f8")[0], official("seeded", "llamagen-vq-ds8")[0]
     with pytest.raises(vqlib.TokenizerError, match="use --vq llamagen-vq-ds8"):
         vqlib.load_tokenizer("sd-vq-f8", llamagen_ckpt, ch=32)
@@ -717,6 +881,9 @@ def test_wrong_or_missing_file_says_which_one(official):
         vqlib.load_tokenizer("llamagen-vq-ds8", "no/such/vq_ds8_c2i.pt")
     with pytest.raises(vqlib.TokenizerError, match="needs its checkpoint"):
         vqlib.load_tokenizer("sd-vq-f8")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    with pytest.raises(vqlib.TokenizerError, match="photo.png: not a torch checkpoint; expected"):
+        vqlib.load_tokenizer("sd-vq-f8", str(tmp_path / "photo.png"))
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
