@@ -1096,13 +1096,14 @@ def bench(args):
     a = {"model": args.model, "objective": args.objective, "latent_size": args.latent_size,
          "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
     model = build_model(a).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
     fast = torch.compile(model) if args.compile else model
     codebook = torch.randn(args.codebook_size, args.latent_channels, device=device)
     B, s, sync = args.batch_size, args.latent_size, torch.cuda.synchronize if device.type == "cuda" else lambda: None
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     head = (f"bench {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M) {args.objective} "
             f"K={args.codebook_size} latent {s}x{s}x{args.latent_channels} batch {B} {args.precision}"
-            f"{' compiled' if args.compile else ''} on {where}")
+            f"{' compiled' if args.compile else ''}{' grad-checkpoint' if args.grad_checkpoint else ''} on {where}")
     if args.sample:
         y, z0 = torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device)
         tok = types.SimpleNamespace(codebook=codebook, quantize=lambda z: vqlib.nearest_code(z, codebook))
@@ -1236,7 +1237,7 @@ def parser():
     b = sub.add_parser("bench", help="time training steps on random tokens: ms/step, img/s, peak memory")
     b.add_argument("--model", default="B/2", choices=list(DiT_models))
     b.add_argument("--objective", default="purr", choices=OBJECTIVES)
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--batch-size", type=int, default=32, help="images per process, or per micro-batch")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--latent-size", type=int, default=32)
@@ -1244,6 +1245,7 @@ def parser():
     b.add_argument("--codebook-size", type=int, default=16384)
     b.add_argument("--precision", choices=["bf16", "fp32"], default=default_precision())
     b.add_argument("--compile", action="store_true")
+    b.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of the DiT blocks")
     b.add_argument("--sample", action="store_true", help="time sampling (Euler, guided) instead of training")
     b.add_argument("--cfg-scale", type=float, default=1.5, help="with --sample: guidance doubles the batch")
     b.set_defaults(func=bench)
