@@ -344,6 +344,12 @@ def test_demo_metric_scores_real_images_well_and_degraded_ones_badly(tmp_path):
     blocky = F.interpolate(F.interpolate(images.float(), size=8, mode="area"), size=32).to(torch.uint8)
     assert demo_metric.demo_fd_and_accuracy(clf, blocky, labels)[0] > 10 * fd
     assert demo_metric.demo_fd_and_accuracy(demo_metric.load_classifier(str(tmp_path / "clf.pt")), images, labels) == (fd, acc)
+    np.savez(tmp_path / "s.npz", images.permute(0, 2, 3, 1).numpy(), labels.numpy())  # as 'purr.py sample' writes
+    got_images, got_labels = demo_metric.load_samples(str(tmp_path / "s.npz"))
+    assert torch.equal(got_images, images) and torch.equal(got_labels, labels)
+    np.savez(tmp_path / "unlabelled.npz", images.permute(0, 2, 3, 1).numpy())
+    with pytest.raises(SystemExit, match="no labels"):
+        demo_metric.load_samples(str(tmp_path / "unlabelled.npz"))
 
 
 # --- Scale out: DDP, exact resume, tokens, bench ---------------------------------------------------------------
@@ -732,6 +738,227 @@ def test_bad_train_arguments_give_one_line_errors(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     assert_one_line_error(run_cli("train", "--data", str(tmp_path / "empty"), "--vq", "tiny", "--vq-ckpt", "x"),
                           "no images")
+
+
+# --- Properties the mutation script checks ---------------------------------------------------------------
+# tools/mutate.py plants plausible one-line bugs and runs the tests meant to notice each; these check, directly,
+# properties that the end-to-end tests above only exercise.
+
+def tiny_dit(K=16, seed=0):
+    """small_dit's kind of DiT (perturbed zero-init layers, 3 classes, latent 4x4x4), two blocks of width 64."""
+    torch.manual_seed(seed)
+    model = purr.DiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=3,
+                     codebook_size=K)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def fast_demo_train(root, *flags):
+    """train_cli on 100 demo images with a 16-code tiny tokenizer (fitted in 2 iterations, not 25)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vqlib, "fit_tiny", functools.partial(vqlib.fit_tiny, codebook_size=16, iters=2))
+        return train_cli(root, "--demo-size", "100", "--global-batch-size", "8", *flags)
+
+
+def test_ema_update_moves_by_one_minus_decay():
+    ema, model = tiny_dit(seed=0), tiny_dit(seed=1)
+    before = [p.clone() for p in ema.parameters()]
+    purr.update_ema(ema, model, 0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A demo run of --steps 3 with --class-dropout 1 and --ema-decay 0.75, sent SIGTERM during its first
+    step; records the micro-batches (c, y, z0, t, u) that train_step receives and the weights it starts from."""
+    root, seen, start = tmp_path_factory.mktemp("interrupted"), [], []
+    real_step, real_build = purr.train_step, purr.build_model
+
+    def spy(model, opt, autocast, micro, *rest):
+        seen.append([[v.clone() if torch.is_tensor(v) else v for v in b] for b in micro])
+        if len(seen) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(model, opt, autocast, micro, *rest)
+
+    def build(a):
+        model = real_build(a)
+        start.append(copy.deepcopy(model.state_dict()))
+        return model
+    import io
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(purr, "train_step", spy)
+        mp.setattr(purr, "build_model", build)
+        run = fast_demo_train(root, "--steps", "3", "--class-dropout", "1", "--ema-decay", "0.75", "--ckpt-every", "1000")
+    return run, seen, start[0], out.getvalue()
+
+
+def test_class_dropout_1_gives_the_model_only_the_null_class(interrupted_run):
+    seen = interrupted_run[1]
+    assert len(seen) == 1 and torch.equal(torch.cat([b[1] for b in seen[0]]), torch.full((8,), 10))  # 10 classes
+
+
+def test_class_dropout_0_gives_the_model_the_true_labels(tmp_path, monkeypatch):
+    seen, real = [], purr.train_step
+    monkeypatch.setattr(purr, "train_step", lambda m, o, a, micro, *r: seen.append(micro) or real(m, o, a, micro, *r))
+    fast_demo_train(tmp_path, "--steps", "1", "--class-dropout", "0")
+    idx, _ = purr.global_batch_plan(100, 0, 8, 0)
+    assert torch.equal(torch.cat([b[1] for b in seen[0]]), idx % 10)  # demo labels: index mod 10
+
+
+def test_train_ema_after_one_step_is_decay_times_start_plus_the_rest(interrupted_run):
+    run, _, start, _ = interrupted_run
+    ckpt = purr.load_checkpoint(os.path.join(run, "checkpoints", "0000001.pt"))
+    for k, v in ckpt["model"].items():
+        assert torch.allclose(ckpt["ema"][k], 0.75 * start[k] + 0.25 * v, atol=1e-6), k
+    assert not torch.equal(ckpt["model"]["final_layer.linear.weight"], start["final_layer.linear.weight"])
+
+
+def test_signal_in_train_finishes_the_step_saves_and_stops(interrupted_run):
+    run, seen, _, out = interrupted_run
+    assert len(seen) == 1 and os.listdir(os.path.join(run, "checkpoints")) == ["0000001.pt"]
+    assert purr.load_checkpoint(os.path.join(run, "checkpoints", "0000001.pt"))["step"] == 1
+    assert "stopped by signal at step 1/3" in out
+
+
+def test_stop_requests_records_signals_and_restores_handlers():
+    outside = []
+    guard = lambda signum, frame: outside.append(signum)  # noqa: E731 (no signal may reach the default handler)
+    original = {s: signal.signal(s, guard) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        with purr.stop_requests() as got:
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                os.kill(os.getpid(), s)
+        assert got == [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1] and outside == []
+        assert all(signal.getsignal(s) is guard for s in original)
+    finally:
+        for s, handler in original.items():
+            signal.signal(s, handler)
+
+
+def test_time_embedding_is_dits_formula():
+    emb, t = purr.TimestepEmbedder(8, freq_dim=16), torch.tensor([0.0, 0.25, 0.7, 1.0])
+    fed = []
+    emb.mlp[0].register_forward_pre_hook(lambda m, inputs: fed.append(inputs[0]))
+    emb(t)
+    freqs = torch.exp(-math.log(10000) * torch.arange(8, dtype=torch.float64) / 8)
+    args = 1000 * t.double()[:, None] * freqs  # DiT: t in [0, 1000], max period 10^4, [cos | sin]
+    assert torch.allclose(fed[0].double(), torch.cat([args.cos(), args.sin()], 1), atol=1e-3)
+
+
+def test_dit_condition_is_time_plus_label_embedding():
+    model = tiny_dit()
+    z, t, y = torch.randn(4, 4, 4, 4), torch.tensor([0.1, 0.5, 0.5, 0.9]), torch.tensor([0, 1, 2, 3])  # 3: null
+    fed = []
+    model.blocks[0].register_forward_pre_hook(lambda m, inputs: fed.append(inputs[1]))
+    model(z, t, y)
+    assert model.y_embedder.num_embeddings == 4  # num_classes + the null class
+    assert torch.allclose(fed[0], model.t_embedder(t) + model.y_embedder(y), atol=1e-6)
+    assert not torch.allclose(fed[0][1], fed[0][2])  # the same t, another label
+
+
+def test_purr_training_loss_is_cross_entropy_plus_z_loss_at_the_interpolant():
+    codebook, c = torch.randn(6, 2), torch.tensor([[[0, 5], [3, 3]]])
+    z0, t, y = torch.randn(1, 2, 2, 2), torch.tensor([0.3]), torch.tensor([0])
+    logits = 3 * torch.randn(1, 2, 2, 6)
+    net = Fixed(logits)
+    losses = purr.training_losses(net, "purr", c, y, z0, t, None, codebook, 0.1)
+    ce = F.cross_entropy(logits.reshape(-1, 6), c.reshape(-1))
+    zl = 0.1 * torch.logsumexp(logits.reshape(-1, 6), 1).pow(2).mean()
+    assert torch.allclose(losses["ce"], ce) and torch.allclose(losses["zloss"], zl)
+    assert torch.allclose(losses["loss"], ce + zl)
+    assert torch.allclose(net.inputs[0][0], 0.3 * codebook[c].permute(0, 3, 1, 2) + 0.7 * z0)
+
+
+def test_entropy_is_that_of_the_tempered_posterior():
+    logits = 2 * torch.randn(2, 3, 3, 16)
+    p = torch.softmax(logits / 0.5, -1)
+    assert torch.allclose(purr.entropy(logits, 0.5), -(p * p.log()).sum(-1), atol=1e-5)
+
+
+class NoSync(torch.nn.Module):
+    """A stand-in for DDP: records, per forward, whether it ran outside no_sync (so its gradients are reduced)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.synced, self.inside = module, [], False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.inside = True
+        yield
+        self.inside = False
+
+    def forward(self, *args):
+        self.synced.append(not self.inside)
+        return self.module(*args)
+
+
+def test_train_step_accumulates_the_full_batch_gradient():
+    """SGD at lr 1 moves each weight by minus its gradient: three micro-batches must move it as the whole batch
+    does, report the whole batch's mean losses, and let DDP reduce only on the last micro-batch."""
+    K = 16
+    codebook, c, y = torch.randn(K, 4), torch.randint(0, K, (6, 4, 4)), torch.tensor([0, 1, 2, 3, 0, 1])
+    z0, t = torch.randn(6, 4, 4, 4), torch.rand(6)
+    whole, split = tiny_dit(K=K), NoSync(tiny_dit(K=K))
+    results = []
+    for net, micro in ((whole, [(c, y, z0, t, None)]), (split, list(zip(c.chunk(3), y.chunk(3), z0.chunk(3), t.chunk(3),
+                                                                                [None] * 3)))):
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+        results.append(purr.train_step(net, opt, contextlib.nullcontext(), micro, "purr", codebook, 1e-2))
+    for a, b in zip(whole.parameters(), split.module.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
+    assert split.synced == [False, False, True]
+
+
+def test_draw_noise_and_rank_batches_slice_the_global_batch():
+    full = purr.draw_noise(8, slice(0, 8), 3, 1, 4, 2, 0.5, "cpu")
+    halves = [purr.draw_noise(8, slice(r * 4, (r + 1) * 4), 3, 1, 4, 2, 0.5, "cpu") for r in range(2)]
+    assert all(torch.equal(f, torch.cat([h[i] for h in halves])) for i, f in enumerate(full))
+    assert all(torch.equal(a, b) for a, b in zip(full, purr.draw_noise(8, slice(0, 8), 3, 1, 4, 2, 0.5, "cpu")))
+    assert not torch.equal(full[0], purr.draw_noise(8, slice(0, 8), 4, 1, 4, 2, 0.5, "cpu")[0])  # new noise each step
+    idx, flip = purr.global_batch_plan(50, 2, 8, 1)
+    ranks = [list(purr.RankBatches(50, 2, 3, 8, r, 2, 1)) for r in range(2)]
+    assert ranks[0][0] + ranks[1][0] == list(zip(idx.tolist(), flip.tolist()))
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """torch.save failing half-way (as a full disk or a quota makes it fail) leaves the previous checkpoint,
+    and nothing at all, under the new file's final name or beside it."""
+    first, second = str(tmp_path / "0000001.pt"), str(tmp_path / "0000002.pt")
+    purr.save_checkpoint({"step": 1}, first)
+    real = torch.save
+
+    def half_save(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file data/0")
+    monkeypatch.setattr(torch, "save", half_save)
+    for path in (second, first):  # a new name, and over an existing checkpoint
+        with pytest.raises(purr.PurrError, match="cannot write checkpoint.*0000001.pt is intact"):
+            purr.save_checkpoint({"step": 2, "big": torch.zeros(1000)}, path)
+        assert sorted(os.listdir(tmp_path)) == ["0000001.pt"]
+        assert torch.load(first, weights_only=True) == {"step": 1}
+
+
+def test_center_crop_equals_adms_center_crop_arr():
+    def adm(pil_image, image_size):  # guided-diffusion's image_datasets.center_crop_arr
+        while min(*pil_image.size) >= 2 * image_size:
+            pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+        scale = image_size / min(*pil_image.size)
+        pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+        arr = np.array(pil_image.convert("RGB"))
+        crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+        return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+    x = ((smooth_images(1, 64)[0] + torch.rand(3, 64, 64) * 0.3).permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5
+    im = Image.fromarray(x.round().byte().numpy()).resize((150, 97))
+    for size in (40, 64):  # with and without halving first
+        assert np.array_equal(fid.center_crop(im, size), adm(im, size))
 
 
 # --- vq.py: the official tokenizers against the original code's outputs (random weights, ch = 32) ----------

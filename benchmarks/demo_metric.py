@@ -3,12 +3,15 @@ on fresh demo images (seed 1; the generators train on seed 0). Its 64-d penultim
 Fréchet distance to real held-out images (seed 2), its predictions the class accuracy of
 class-conditional samples.
 
-    python benchmarks/demo_metric.py     # train (~1 min on 2 CPU cores) or load, print held-out accuracy
+    python benchmarks/demo_metric.py               # train (~1 min on 2 CPU cores) or load, score fresh real images
+    python benchmarks/demo_metric.py SAMPLES.npz   # score an ADM batch from `purr.py sample --out SAMPLES.npz`
 """
+import argparse
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,8 +101,29 @@ def demo_fd_and_accuracy(clf, images, labels):
     return fd, (pred == labels).float().mean().item()
 
 
+def load_samples(path):
+    """An ADM sample batch (arr_0: N x 32 x 32 x 3 uint8, arr_1: labels) -> (uint8 [N,3,32,32], labels [N])."""
+    with np.load(path) as f:
+        if "arr_1" not in f:
+            raise SystemExit(f"{path}: no labels (arr_1); write it with 'purr.py sample --out {path}'")
+        images, labels = f["arr_0"], f["arr_1"]
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
+        raise SystemExit(f"{path}: arr_0 is {images.dtype} {images.shape}, not N x 32 x 32 x 3 uint8 demo images")
+    if len(images) < 2 or len(labels) != len(images):
+        raise SystemExit(f"{path}: {len(images)} images and {len(labels)} labels; need >= 2 images, one label each")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels.astype(np.int64))
+
+
 if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("samples", nargs="?", help="ADM .npz from 'purr.py sample --out SAMPLES.npz' (default: "
+                   "score 2,000 fresh real demo images)")
+    a = p.parse_args()
     clf = load_classifier()
-    images, labels = purr.demo_dataset(2000, seed=HELD_OUT_SEED + 1)
-    fd, acc = demo_fd_and_accuracy(clf, images, labels)
-    print(f"fresh real demo images (seed {HELD_OUT_SEED + 1}, 2000): accuracy {acc:.4f}, FD {fd:.3f}")
+    if a.samples:
+        fd, acc = demo_fd_and_accuracy(clf, *load_samples(a.samples))
+        print(f"demo FD {fd:.2f}  accuracy {acc:.4f}")
+    else:
+        images, labels = purr.demo_dataset(2000, seed=HELD_OUT_SEED + 1)
+        fd, acc = demo_fd_and_accuracy(clf, images, labels)
+        print(f"fresh real demo images (seed {HELD_OUT_SEED + 1}, 2000): accuracy {acc:.4f}, FD {fd:.3f}")
