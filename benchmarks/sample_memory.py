@@ -10,7 +10,7 @@ import os
 import resource
 import sys
 
-sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # after PYTHONPATH
 import torch  # noqa: E402
 
 import purr  # noqa: E402
