@@ -183,7 +183,8 @@ class DiT(nn.Module):
         else:
             null = torch.full_like(y, self.num_classes)
             cond, uncond = self.patches(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-            out = uncond.lerp_(cond, cfg_scale)  # in place: guidance adds no K-wide tensor
+            # In place when sampling (no autograd), so guidance adds no K-wide tensor.
+            out = torch.lerp(uncond, cond, cfg_scale) if torch.is_grad_enabled() else uncond.lerp_(cond, cfg_scale)
         return self.unpatchify(head(out) if head else out)
 
 
