@@ -228,13 +228,15 @@ def load_inception(path=None, preprocess="fidelity"):
 # Image sources: (count, iterator of uint8 [B, 3, H, W] batches), checked before any network runs.
 
 def center_crop(img, size):
-    """ADM's center crop (also purr's training crop): halve with a box filter while the image is at
-    least 2x too large, resize bicubic so the short side is `size`, cut the center square."""
+    """ADM's center crop (also purr's training crop): to RGB first (PIL resizes palette images
+    nearest-neighbour), halve with a box filter while the image is at least 2x too large, resize bicubic
+    so the short side is `size`, cut the center square."""
+    img = img.convert("RGB")
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
     scale = size / min(img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
-    arr = np.asarray(img.convert("RGB"))
+    arr = np.asarray(img)
     y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[y:y + size, x:x + size]
 

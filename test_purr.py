@@ -1,4 +1,6 @@
-"""purr's tests: python -m pytest -q test_purr.py (CPU, minutes). Fixtures: ../shared/fixtures or $PURR_FIXTURES."""
+"""purr's tests: python -m pytest -q test_purr.py (CPU, minutes). The tokenizer and FID equivalence tests build
+their random-weight checkpoints from a seed (fixtures/seeded.py) against the goldens in fixtures/; they also
+run on the official-layout files of $PURR_FIXTURES (default ../shared/fixtures) where present."""
 import argparse
 import contextlib
 import copy
@@ -23,17 +25,11 @@ from PIL import Image
 import fid
 import purr
 import vq as vqlib
+from fixtures import seeded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.environ.get("PURR_FIXTURES", os.path.join(HERE, "..", "shared", "fixtures"))
 torch.set_num_threads(2)
-
-
-def fixture(name):
-    path = Path(FIXTURES) / name
-    if not path.exists():
-        pytest.skip(f"fixture {name} not found in {FIXTURES} (set PURR_FIXTURES)")
-    return path
 
 
 def run_cli(*args, cwd=HERE):
@@ -966,7 +962,6 @@ def test_center_crop_equals_adms_center_crop_arr():
 # fixtures/make_goldens.py) with their weights built from a seed (fixtures/seeded.py) and saved as the
 # official files are; and again on the random-weight files and goldens of $PURR_FIXTURES, where present.
 
-from fixtures import seeded  # noqa: E402
 
 GOLDENS = {"sd-vq-f8": "sd_vqf8_ch32_golden.pt", "llamagen-vq-ds8": "llamagen_vq8_ch32_golden.pt",
            "inception": "inception_golden.pt"}
@@ -1117,10 +1112,9 @@ def test_wrong_or_missing_file_says_which_one(official, tmp_path):
 def test_fp32_accuracy_with_large_mean_activations(official, name):
     """Activations with a large mean (100 here: both conv_in biases raised) are where PyTorch's channels-last
     GroupNorm loses fp32 accuracy (E[x^2] - E[x]^2 cancels: errors of 3e-2 and more here). Encoding and
-    decoding stay as close to a float64 run as the original layout does (contiguous, stock GroupNorm), within
-    a factor 2 for the order of rounding."""
+    decoding, of embed's channels-last-strided latents too, stay as close to a float64 run as the original
+    layout does (contiguous, stock GroupNorm), within a factor 2 for the order of rounding."""
     ckpt, g = official("seeded", name)
-    x, z = g["images"][:1], g["quant"][:1]
 
     def model(dtype=torch.float32, original_layout=False):
         tok = vqlib.load_tokenizer(name, ckpt, **g["config"])
@@ -1133,12 +1127,14 @@ def test_fp32_accuracy_with_large_mean_activations(official, name):
                     m.__class__ = torch.nn.GroupNorm
         return tok.to(dtype)
 
+    tok, x = model(), g["images"][:1]
+    z = tok.embed(g["indices"][:1])
+
     def run(tok, dtype):  # encode's float path (its indices would hide the error), and decode's
         with torch.no_grad():
             return (tok.quant_conv(tok.encoder(x.to(dtype))).double(),
-                    tok.decoder(tok.post_quant_conv(z.to(dtype))).double())
-    tok = model()
-    ours = run(tok, torch.float32)[0], tok.decode(z).double()
+                    tok.decoder(tok.post_quant_conv(z.contiguous().to(dtype))).double())
+    ours = run(tok, torch.float32)[0], tok.decode(g["indices"][:1]).double()
     exact, original = run(model(torch.float64), torch.float64), run(model(original_layout=True), torch.float32)
     for what, ref, theirs, mine in zip(("encode", "decode"), exact, original, ours):
         err, err_original = (mine - ref).abs().max().item(), (theirs - ref).abs().max().item()

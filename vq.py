@@ -20,6 +20,7 @@ import functools
 import os
 import pickle
 import sys
+import zipfile
 from collections import OrderedDict, namedtuple
 
 import numpy as np
@@ -202,9 +203,7 @@ class VQModel(nn.Module):
         # The codes in latent space, derived from the weights whenever they are loaded; not saved.
         self.register_buffer("codebook", self._latent_codes(), persistent=False)
         self.register_load_state_dict_post_hook(VQModel._refresh_codebook)  # called as (module, keys)
-        # Channels-last convolutions encode ~20% faster on CPU (measured: benchmarks/bench_vq.py)
-        # although GroupNorm gets slower; loading copies into these strides, .to(device) keeps them.
-        self.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+        self.eval().requires_grad_(False)
 
     def _latent_codes(self):
         e = self._modules["quantize"].embedding.weight.detach()
@@ -214,8 +213,12 @@ class VQModel(nn.Module):
         with torch.no_grad():
             self.codebook.copy_(self._latent_codes())
 
-    def _in(self, x):  # in the weights' dtype and memory format
-        return x.to(self.codebook.dtype, memory_format=torch.channels_last)
+    def _in(self, x):
+        """x in the weights' dtype, contiguous. Channels-last tensors (embed's output among them) would
+        switch the network to the channels-last kernels, and PyTorch's channels-last GroupNorm loses fp32
+        accuracy when activations have a large mean (E[x^2] - E[x]^2 cancels: 5e-2 at mean 100 against
+        1e-5). Channels-last also bought no speed here (benchmarks/bench_vq.py)."""
+        return x.to(self.codebook.dtype, memory_format=torch.contiguous_format)
 
     def quantize(self, z):
         return nearest_code(z, self.codebook, normalize=self.l2_norm)
@@ -264,9 +267,6 @@ class TinyVQ(nn.Module):
         p = self.downsample
         flat = self._unfold(x.float())[:, :, None, None]  # nearest_code wants [N,D,1,1]
         return nearest_code(flat, self.patches).view(B, H // p, W // p)
-
-    def _in(self, x):  # in the weights' dtype and memory format
-        return x.to(self.codebook.dtype, memory_format=torch.channels_last)
 
     def quantize(self, z):
         return nearest_code(z, self.codebook)
@@ -346,8 +346,9 @@ def build_tokenizer(name, **overrides):
 
 
 class _Inert:
-    """Stands in for the classes a checkpoint pickles beside its tensors (pytorch-lightning callbacks,
-    numpy scalars): built from anything, holds nothing."""
+    """Stands in for every class or function a checkpoint pickles beside its tensors (pytorch-lightning
+    callbacks, numpy scalars, or whatever a malicious file would call): built from anything, holds and
+    does nothing."""
     def __init__(self, *args, **kwargs):
         pass
 
@@ -355,23 +356,38 @@ class _Inert:
         pass
 
 
+_LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how pre-1.6 torch.save files begin
+
+
 def _torch_load(path, expected):
+    """The checkpoint's contents, unpickled weights-only: no code from the file ever runs."""
     if not os.path.isfile(path):
         raise TokenizerError(f"{path}: no such file; expected {expected}")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
+            if not zipfile.is_zipfile(path):
+                with open(path, "rb") as f:
+                    legacy = f.read(len(_LEGACY_HEAD)) == _LEGACY_HEAD
+                why = ("a pre-1.6 torch.save file that pickles objects besides tensors: not loaded, as only a full "
+                       "unpickle, running code from the file, could read it; re-save its state dict with a current "
+                       "torch" if legacy else "not a torch checkpoint")
+                raise TokenizerError(f"{path}: {why}; expected {expected}") from None
             # SD's model.ckpt is a pytorch-lightning checkpoint: it also pickles callback objects and
             # numpy scalars, which the weights-only unpickler refuses and a full unpickle could only
             # rebuild with pytorch-lightning installed (running code from the file). None of them is
-            # needed: load weights-only again with inert stand-ins for exactly those classes.
-            try:
-                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except ValueError:  # a pre-1.6, non-zip file cannot be scanned: unpickle it fully
-                return torch.load(path, map_location="cpu", weights_only=False)
+            # needed: load weights-only again with inert stand-ins for exactly those names.
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             with torch.serialization.safe_globals([(_Inert, name) for name in names]):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError:  # e.g. a module the unpickler blocks outright (os, sys)
+                    raise TokenizerError(f"{path}: refused: it pickles {', '.join(sorted(names))} in a way only "
+                                         f"a full unpickle, running code from the file, could read; "
+                                         f"expected {expected}") from None
+    except TokenizerError:
+        raise
     except Exception as e:  # a .zip still to unpack, an image, a truncated download...
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         unzip = " (unzip it: the checkpoint is the model.ckpt inside)" if path.endswith(".zip") else ""

@@ -1,0 +1,312 @@
+"""Mutation testing for purr: does the suite notice plausible one-line bugs? (Not run by CI.)
+
+    python tools/mutate.py                 # every mutation, one at a time: KILLED or SURVIVED, then the score
+    python tools/mutate.py --list          # the mutations and the tests each one runs
+    python tools/mutate.py --only ema_decay_swapped --only zloss_not_squared
+
+Each mutation is an exact (file, old text, new text, tests). For each, the repository's files (`git ls-files`
+plus untracked files git does not ignore) are copied into a temporary folder, the old text (which must occur
+exactly once) is replaced there, and the tests run there with a timeout; the working tree is never touched.
+The same tests first run on an unmutated copy: a mutation is KILLED when a test that passes unmutated fails
+(or errors, or the run times out) with it; tests that already fail unmutated cannot kill anything.
+Tests are a pytest -k expression (a string) or a list of node ids. Run with OMP_NUM_THREADS=1 on a busy machine.
+"""
+import argparse
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections import namedtuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Mutation = namedtuple("Mutation", "name file old new tests")
+
+# The test selections, by what they check (names of test_purr.py's tests).
+DIT = "test_unpatchify or test_cfg_guides or test_dit_emits or test_dit_condition"
+LOSS = "test_loss_equals_hand or test_chunked_loss or test_bf16_loss_gradient or test_purr_training_loss"
+SAMPLER = ("test_euler_sampler or test_last_euler_step or test_small_tau or test_one_hot_posterior "
+           "or test_baseline_samplers")
+TRAIN_RUN = "test_class_dropout or test_train_ema or test_signal_in_train"
+SPLITS = "test_train_step_accumulates or test_three_splits"
+DDP = "test_draw_noise_and_rank_batches or test_two_processes"
+RESUME = "test_resume_is_exact or test_resume_with_a_new_lr"
+SAVE = "test_interrupted_save or test_save_into_a_full_disk or test_keep_leaves or test_truncated_checkpoint"
+SIGNALS = "test_stop_requests or test_signal_in_train"
+SD = "test_matches_original_outputs and sd or test_fp32_accuracy and sd or test_full_ldm"
+LLAMAGEN = "test_matches_original_outputs and llamagen or test_fp32_accuracy and llamagen or test_quantize_inverts"
+FID = "test_fid_features_match or test_fid_weights_in_fp16 or test_fid_bad_weights"
+CROP = "test_center_crop or test_fid_cli_bad_inputs"
+
+MUTATIONS = [
+    # Eq. 12: the categorical posterior over codes, from K logits per latent position.
+    Mutation("posterior_softmax_over_positions", "purr.py",
+             "torch.softmax(l.float() / tau, -1) @ codebook.float()", "torch.softmax(l.float() / tau, 0) @ codebook.float()",
+             SAMPLER),
+    Mutation("unpatchify_transposed", "purr.py",
+             "x.view(B, g, g, p, p, C).permute(0, 1, 3, 2, 4, 5)", "x.view(B, g, g, p, p, C).permute(0, 1, 2, 3, 4, 5)",
+             DIT),
+    Mutation("ce_gathers_wrong_axis", "purr.py",
+             "logits.gather(1, c[:, None])[:, 0]", "logits.gather(0, c[:, None])[:, 0]", LOSS),
+    # Eq. 13: v = (mu - z_t) / (1 - t), mu = sum_k pi_k e_k.
+    Mutation("velocity_sign", "purr.py",
+             "else (out - z) / (1 - tt).view(-1, 1, 1, 1)", "else (z - out) / (1 - tt).view(-1, 1, 1, 1)", SAMPLER),
+    Mutation("velocity_times_one_minus_t", "purr.py",
+             "else (out - z) / (1 - tt).view(-1, 1, 1, 1)", "else (out - z) * (1 - tt).view(-1, 1, 1, 1)", SAMPLER),
+    # Eq. 14: cross-entropy plus the z-loss (log Z)^2.
+    Mutation("zloss_not_squared", "purr.py",
+             "z_weight * log_z.pow(2).mean()", "z_weight * log_z.mean()", LOSS),
+    Mutation("zloss_left_out_of_the_loss", "purr.py",
+             'return {"loss": ce + zloss, "ce": ce', 'return {"loss": ce, "ce": ce', LOSS),
+    Mutation("ce_backward_ignores_zloss", "purr.py", "w = g_ce + g_log_z", "w = g_ce", LOSS),
+    Mutation("ce_backward_onehot_scaled_by_w", "purr.py",
+             "c[s:e]] -= g_ce[s:e]", "c[s:e]] -= w[s:e]", LOSS),
+    # Eq. 15: pi = softmax(logits / tau).
+    Mutation("tau_multiplies", "purr.py",
+             "torch.softmax(l.float() / tau, -1) @ codebook.float()", "torch.softmax(l.float() * tau, -1) @ codebook.float()",
+             SAMPLER),
+    Mutation("entropy_ignores_tau", "purr.py",
+             "torch.log_softmax(l.float() / tau, -1)", "torch.log_softmax(l.float(), -1)",
+             "test_entropy_is_that or test_entropy_map"),
+    # The interpolant z_t = t z_1 + (1 - t) z_0.
+    Mutation("interpolant_reversed", "purr.py",
+             "out = model(tt * z1 + (1 - tt) * z0, t, y)", "out = model((1 - tt) * z1 + tt * z0, t, y)",
+             "test_each_objective_loss or test_purr_training_loss"),
+    # Algorithm 2: integrate to (T-1)/T, then one Euler step that lands on mu.
+    Mutation("last_step_too_short", "purr.py",
+             "return z + v(t_last, z) / T", "return z + v(t_last, z) / (T + 1)", SAMPLER),
+    Mutation("grid_reaches_t_1", "purr.py",
+             "grid = (torch.arange(T, dtype=torch.float64) / T)", "grid = (torch.arange(T + 1, dtype=torch.float64) / T)",
+             SAMPLER),
+    # EMA.
+    Mutation("ema_decay_swapped", "purr.py", "e.lerp_(p, 1 - decay)", "e.lerp_(p, decay)",
+             "test_ema_update or test_train_ema or test_entropy_map_is_written"),
+    Mutation("ema_gets_one_minus_decay", "purr.py",
+             "update_ema(ema, model, args.ema_decay)", "update_ema(ema, model, 1 - args.ema_decay)", "test_train_ema"),
+    # Label dropout (--class-dropout) and the null class num_classes.
+    Mutation("label_dropout_null_off_by_one", "purr.py",
+             "y = torch.where(drop, data.num_classes, y)", "y = torch.where(drop, data.num_classes - 1, y)", TRAIN_RUN),
+    Mutation("label_dropout_inverted", "purr.py",
+             "drop = torch.rand(G, generator=g)[sl] < class_dropout", "drop = torch.rand(G, generator=g)[sl] > class_dropout",
+             TRAIN_RUN),
+    Mutation("label_dropout_where_swapped", "purr.py",
+             "y = torch.where(drop, data.num_classes, y)", "y = torch.where(drop, y, data.num_classes)", TRAIN_RUN),
+    Mutation("cfg_null_off_by_one", "purr.py",
+             "null = torch.full_like(y, self.num_classes)", "null = torch.full_like(y, self.num_classes - 1)", DIT),
+    # Time conditioning: TimestepEmbedder embeds 1000 t as [cos, sin] at DiT's frequencies.
+    Mutation("time_not_scaled_by_1000", "purr.py",
+             "args = 1000 * t.float()[:, None] * freqs[None]", "args = t.float()[:, None] * freqs[None]",
+             "test_time_embedding"),
+    Mutation("time_sin_cos_swapped", "purr.py",
+             "torch.cat([args.cos(), args.sin()], 1)", "torch.cat([args.sin(), args.cos()], 1)", "test_time_embedding"),
+    Mutation("time_max_period", "purr.py",
+             "freqs = torch.exp(-math.log(10000) *", "freqs = torch.exp(-math.log(1000) *", "test_time_embedding"),
+    Mutation("time_ignored", "purr.py",
+             "c = self.t_embedder(t) + self.y_embedder(y)", "c = self.y_embedder(y)", DIT),
+    # Class conditioning: y_embedder has num_classes + 1 rows (the last is the null class).
+    Mutation("label_ignored", "purr.py",
+             "c = self.t_embedder(t) + self.y_embedder(y)", "c = self.t_embedder(t)", DIT),
+    Mutation("no_null_class_row", "purr.py",
+             "self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)",
+             "self.y_embedder = nn.Embedding(num_classes, hidden_size)", DIT),
+    # DDP: each rank takes its slice of the global batch (data and noise alike).
+    Mutation("rank_data_strided", "purr.py",
+             "yield list(zip(idx[rank * b:(rank + 1) * b].tolist(), flip[rank * b:(rank + 1) * b].tolist()))",
+             "yield list(zip(idx[rank::world].tolist(), flip[rank::world].tolist()))", DDP),
+    Mutation("rank_noise_not_sliced", "purr.py",
+             "draw_noise(G, slice(rank * b, (rank + 1) * b), step,", "draw_noise(b, slice(0, b), step,", DDP),
+    Mutation("noise_same_every_step", "purr.py",
+             "torch.Generator().manual_seed(seed * 1_000_003 + step)", "torch.Generator().manual_seed(seed * 1_000_003)",
+             DDP),
+    # Resume: optimizer state, EMA, step and data position come back.
+    Mutation("resume_drops_opt_state", "purr.py",
+             'opt.load_state_dict(ckpt["opt"])', 'opt.state_dict()', RESUME),
+    Mutation("resume_ema_from_model", "purr.py",
+             'ema.load_state_dict(ckpt["ema"])', 'ema.load_state_dict(ckpt["model"])', RESUME),
+    Mutation("resume_data_from_start", "purr.py",
+             "batch_sampler=RankBatches(len(data), step, args.steps,", "batch_sampler=RankBatches(len(data), 0, args.steps - step,",
+             RESUME),
+    # Atomic saves: write beside, os.replace; a failed save removes its temporary file.
+    Mutation("save_in_place", "purr.py",
+             'torch.save(obj, path + ".tmp")\n        os.replace(path + ".tmp", path)', "torch.save(obj, path)", SAVE),
+    Mutation("save_catches_only_oserror", "purr.py",
+             "except (OSError, RuntimeError) as e:  # disk full", "except OSError as e:  # disk full", SAVE),
+    Mutation("save_leaves_tmp", "purr.py",
+             'os.remove(path + ".tmp")\n        previous', 'pass\n        previous', SAVE),
+    # Signals: recorded by stop_requests, then the loop saves and stops.
+    Mutation("signal_flag_ignored", "purr.py",
+             "agree(world, device, bool(stop), not torch.isfinite", "agree(world, device, False, not torch.isfinite",
+             SIGNALS),
+    Mutation("signal_handlers_not_restored", "purr.py",
+             "            signal.signal(s, handler)\n", "            pass\n", SIGNALS),
+    Mutation("sigusr1_not_handled", "purr.py",
+             "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)", "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)",
+             SIGNALS),
+    Mutation("stop_without_saving", "purr.py",
+             "if step % args.ckpt_every == 0 or step == args.steps or stopping:",
+             "if step % args.ckpt_every == 0 or step == args.steps:", SIGNALS),
+    # Gradient accumulation: loss / n per micro-batch, DDP's all-reduce only on the last.
+    Mutation("accum_loss_not_divided", "purr.py",
+             '(losses["loss"] / n).backward()', 'losses["loss"].backward()', SPLITS),
+    Mutation("accum_no_sync_on_last", "purr.py",
+             "if i < n - 1 and hasattr(model, \"no_sync\")", "if i < n and hasattr(model, \"no_sync\")", SPLITS),
+    Mutation("accum_logged_sum", "purr.py",
+             "totals[k] = totals.get(k, 0) + v.detach().float() / n", "totals[k] = totals.get(k, 0) + v.detach().float()",
+             SPLITS),
+    # vq.py: SD's and LlamaGen's tokenizers from their official files.
+    Mutation("vq_groupnorm_eps", "vq.py", "GroupNorm(32, c, eps=1e-6)", "GroupNorm(32, c, eps=1e-5)", SD),
+    Mutation("vq_groupnorm_shift_sign", "vq.py",
+             "F.group_norm(x - shift,", "F.group_norm(x + shift,", "test_fp32_accuracy"),
+    Mutation("vq_upsample_bilinear", "vq.py",
+             'F.interpolate(x, scale_factor=2.0, mode="nearest")', 'F.interpolate(x, scale_factor=2.0, mode="bilinear")', SD),
+    Mutation("vq_downsample_pad_left", "vq.py", "F.pad(x, (0, 1, 0, 1))", "F.pad(x, (1, 0, 1, 0))", SD),
+    Mutation("vq_sd_decoder_order", "vq.py",
+             'SD_LAYOUT = Layout("block", "down", "up", ("block_1", "attn_1", "block_2"), True)',
+             'SD_LAYOUT = Layout("block", "down", "up", ("block_1", "attn_1", "block_2"), False)', SD),
+    Mutation("vq_ldm_prefix", "vq.py",
+             "sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}",
+             "sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}", SD),
+    Mutation("vq_llamagen_no_l2", "vq.py",
+             "flat = F.normalize(flat, dim=1) if normalize else flat", "flat = flat", LLAMAGEN),
+    Mutation("vq_llamagen_attention_level", "vq.py",
+             "cfg[\"ch_mult\"], cfg[\"num_res_blocks\"], {n - 1},", "cfg[\"ch_mult\"], cfg[\"num_res_blocks\"], {n - 2},",
+             LLAMAGEN),
+    # fid.py: the Inception's weights, layout and preprocessing.
+    Mutation("fid_bn_eps", "fid.py", "nn.BatchNorm2d(cout, eps=1e-3)", "nn.BatchNorm2d(cout, eps=1e-5)", FID),
+    Mutation("fid_normalise_127_5", "fid.py",
+             "(resize_tf1(x.float()) - 128) / 128", "(resize_tf1(x.float()) - 127.5) / 127.5", FID),
+    Mutation("fid_torch_resize_align_corners", "fid.py",
+             'mode="bilinear", align_corners=False) - 1', 'mode="bilinear", align_corners=True) - 1', FID),
+    Mutation("fid_avgpool_counts_pad", "fid.py",
+             "F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)", "F.avg_pool2d(x, 3, 1, 1, count_include_pad=True)", FID),
+    Mutation("fid_last_block_avg_pool", "fid.py",
+             "BlockE(2048, max_pool=True)", "BlockE(2048, max_pool=False)", FID),
+    Mutation("fid_drops_fp16_keys", "fid.py",
+             "sd = {k: v.float() for k, v in sd.items() if not k.endswith(\"num_batches_tracked\")}",
+             "sd = {k: v for k, v in sd.items() if not k.endswith(\"num_batches_tracked\")}", FID),
+    Mutation("crop_bilinear", "fid.py",
+             "img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)",
+             "img.resize(tuple(round(x * scale) for x in img.size), Image.BILINEAR)", CROP),
+    Mutation("crop_no_box_halving", "fid.py", "Image.BOX)", "Image.BICUBIC)", CROP),
+]
+
+
+def repo_files():
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, check=True).stdout
+    return [f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(ROOT, f))]
+
+
+def copy_repo(dest, tests_file=None):
+    for f in repo_files():
+        os.makedirs(os.path.dirname(os.path.join(dest, f)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, f), os.path.join(dest, f))
+    if tests_file:  # another version of the suite (e.g. an older one, for a before/after score)
+        shutil.copy2(tests_file, os.path.join(dest, "test_purr.py"))
+
+
+def pytest_args(tests):
+    return ["-k", tests] if isinstance(tests, str) else list(tests)
+
+
+def run_tests(folder, tests, timeout, tag, deselect=()):
+    """{test name: passed?} of the selected tests in folder, or None on timeout; the seconds taken; the
+    output's tail. With `deselect` (tests failing unmutated, left out) it stops at the first failure."""
+    xml = os.path.join(folder, f".mutate-{tag}.xml")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "test_purr.py",
+           *pytest_args(tests), *(["-x"] if tag != "base" else []), *(f"--deselect=test_purr.py::{t}" for t in deselect)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONDONTWRITEBYTECODE": "1"}
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, time.time() - t0, "timeout"
+    results = {}
+    if os.path.isfile(xml):
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            bad = any(child.tag in ("failure", "error") for child in case)
+            skipped = any(child.tag == "skipped" for child in case)
+            if not skipped:
+                results[case.get("name")] = not bad
+    return results, time.time() - t0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def apply(folder, m):
+    path = os.path.join(folder, m.file)
+    text = open(path).read()
+    n = text.count(m.old)
+    if n != 1:
+        raise ValueError(f"{m.name}: the old text occurs {n} times in {m.file}, not once")
+    with open(path, "w") as f:
+        f.write(text.replace(m.old, m.new))
+
+
+def mutant(m, base, timeout, tests_file=None):
+    """(status, detail, seconds) of one mutation, run in a fresh copy of the repository."""
+    with tempfile.TemporaryDirectory(prefix=f"purr-mutant-{m.name}-") as folder:
+        copy_repo(folder, tests_file)
+        try:
+            apply(folder, m)
+        except ValueError as e:
+            return "ERROR", str(e), 0.0
+        failing = [t for t, ok in base.items() if not ok]
+        results, secs, log = run_tests(folder, m.tests, timeout, m.name, failing)
+    if results is None:
+        return "KILLED", f"timeout after {timeout}s", secs
+    killed = sorted(t for t, ok in results.items() if not ok and base.get(t, True))
+    if killed:
+        return "KILLED", "by " + ", ".join(killed), secs
+    if not results:  # e.g. a suite without the tests meant for it
+        return "SURVIVED", "no test selected: " + " ".join(log.split())[-120:], secs
+    return "SURVIVED", f"{len(results)} tests passed", secs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this mutation (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
+    p.add_argument("-j", type=int, default=1, metavar="N", help="mutations run at once (default 1)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per mutation's test run (default 900)")
+    p.add_argument("--tests", metavar="FILE", help="run this file as test_purr.py (default: the repository's)")
+    a = p.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not a.only or m.name in a.only]
+    unknown = set(a.only or []) - {m.name for m in MUTATIONS}
+    if unknown:
+        p.error(f"unknown mutation(s): {', '.join(sorted(unknown))}; see --list")
+    if a.list:
+        for m in chosen:
+            print(f"{m.name}: {m.file}: {m.old!r} -> {m.new!r}\n    tests: {m.tests}")
+        return
+    # The unmutated baseline of every test the chosen mutations run: a test failing there kills nothing.
+    with tempfile.TemporaryDirectory(prefix="purr-mutant-baseline-") as folder:
+        copy_repo(folder, a.tests)
+        for m in chosen:
+            text = open(os.path.join(folder, m.file)).read()
+            if text.count(m.old) != 1:
+                print(f"warning: {m.name}: old text occurs {text.count(m.old)} times in {m.file}", flush=True)
+        exprs = sorted({m.tests for m in chosen if isinstance(m.tests, str)})
+        ids = sorted({t for m in chosen if not isinstance(m.tests, str) for t in m.tests})
+        base = {}
+        for sel in ([" or ".join(f"({e})" for e in exprs)] if exprs else []) + ([ids] if ids else []):
+            r, secs, log = run_tests(folder, sel, a.timeout * 4, "base")
+            if r is None:
+                sys.exit(f"the unmutated tests took more than {a.timeout * 4:.0f}s")
+            base.update(r)
+    failing = sorted(t for t, ok in base.items() if not ok)
+    print(f"baseline: {len(base)} tests, {len(failing)} failing unmutated" + (f" ({', '.join(failing)})" if failing else ""),
+          flush=True)
+    killed = 0
+    with concurrent.futures.ThreadPoolExecutor(max(1, a.j)) as pool:
+        futures = [pool.submit(mutant, m, base, a.timeout, a.tests) for m in chosen]
+        for m, fut in zip(chosen, futures):
+            status, detail, secs = fut.result()
+            killed += status == "KILLED"
+            print(f"{status:8s} {m.name} ({m.file}, {secs:.0f}s): {detail}", flush=True)
+    print(f"killed {killed} of {len(chosen)}")
+
+
+if __name__ == "__main__":
+    main()
