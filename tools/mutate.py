@@ -158,8 +158,9 @@ MUTATIONS = [
              SPLITS),
     # vq.py: SD's and LlamaGen's tokenizers from their official files.
     Mutation("vq_groupnorm_eps", "vq.py", "GroupNorm(32, c, eps=1e-6)", "GroupNorm(32, c, eps=1e-5)", SD),
-    Mutation("vq_groupnorm_shift_sign", "vq.py",
-             "F.group_norm(x - shift,", "F.group_norm(x + shift,", "test_fp32_accuracy"),
+    Mutation("vq_channels_last_groupnorm", "vq.py",  # PyTorch's channels-last GroupNorm loses fp32 accuracy
+             "return x.to(self.codebook.dtype, memory_format=torch.contiguous_format)",
+             "return x.to(self.codebook.dtype, memory_format=torch.channels_last)", "test_fp32_accuracy"),
     Mutation("vq_upsample_bilinear", "vq.py",
              'F.interpolate(x, scale_factor=2.0, mode="nearest")', 'F.interpolate(x, scale_factor=2.0, mode="bilinear")', SD),
     Mutation("vq_downsample_pad_left", "vq.py", "F.pad(x, (0, 1, 0, 1))", "F.pad(x, (1, 0, 1, 0))", SD),
@@ -169,8 +170,10 @@ MUTATIONS = [
     Mutation("vq_ldm_prefix", "vq.py",
              "sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}",
              "sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}", SD),
-    Mutation("vq_llamagen_no_l2", "vq.py",
-             "flat = F.normalize(flat, dim=1) if normalize else flat", "flat = flat", LLAMAGEN),
+    # (Not a mutation: dropping the l2-normalisation of z in nearest_code. The codes are unit-norm, so the nearest
+    # code of z and of z / |z| is the same: argmin |z|^2 + 1 - 2 z.e_k = argmax z.e_k. Equivalent up to float ties.)
+    Mutation("vq_llamagen_codes_not_normalised", "vq.py",
+             "return F.normalize(e, dim=1) if self.l2_norm else e.clone()", "return e.clone()", LLAMAGEN),
     Mutation("vq_llamagen_attention_level", "vq.py",
              "cfg[\"ch_mult\"], cfg[\"num_res_blocks\"], {n - 1},", "cfg[\"ch_mult\"], cfg[\"num_res_blocks\"], {n - 2},",
              LLAMAGEN),
@@ -184,9 +187,11 @@ MUTATIONS = [
              "F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)", "F.avg_pool2d(x, 3, 1, 1, count_include_pad=True)", FID),
     Mutation("fid_last_block_avg_pool", "fid.py",
              "BlockE(2048, max_pool=True)", "BlockE(2048, max_pool=False)", FID),
-    Mutation("fid_drops_fp16_keys", "fid.py",
-             "sd = {k: v.float() for k, v in sd.items() if not k.endswith(\"num_batches_tracked\")}",
-             "sd = {k: v for k, v in sd.items() if not k.endswith(\"num_batches_tracked\")}", FID),
+    # (Not a mutation: loading fp16 weights without .float(). load_state_dict copies into the fp32 parameters,
+    # converting: equivalent.)
+    Mutation("fid_requires_num_batches_tracked", "fid.py",
+             'want = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}',
+             "want = {k: v.shape for k, v in model.state_dict().items()}", FID),
     Mutation("crop_bilinear", "fid.py",
              "img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)",
              "img.resize(tuple(round(x * scale) for x in img.size), Image.BILINEAR)", CROP),
