@@ -660,14 +660,15 @@ class Unreadable:
     """The unreadable images met so far, over all ranks: each reported once (rank 0, stderr), counted in
     the log; past max(5, 0.1 % of the data) the run stops with one line naming the first few."""
 
-    def __init__(self, data, world, device):
-        self.data, self.world, self.device, self.seen = data, world, device, {}
+    def __init__(self, data, world):
+        self.data, self.world, self.seen = data, world, {}
         self.limit = max(5, len(data) // 1000)
 
-    def add(self, bad, rank):
-        mine = [b for b in bad if b[0] not in self.seen]
-        if not agree(self.world, self.device, len(mine))[0]:
-            return
+    def fresh(self, bad):
+        """This rank's (index, why) not reported yet; the caller agrees across ranks whether any exist."""
+        return [b for b in bad if b[0] not in self.seen]
+
+    def add(self, mine, rank):
         gathered = [mine]
         if self.world > 1:
             gathered = [None] * self.world
@@ -776,11 +777,11 @@ def train(args):
         data, batch_sampler=RankBatches(len(data), step, args.steps, G, rank, world, args.seed), collate_fn=collate,
         num_workers=args.num_workers if not demo else 0, pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    unreadable, log = Unreadable(data, world, device), Log(run if rank == 0 else None, world, G, step)
+    unreadable, log = Unreadable(data, world), Log(run if rank == 0 else None, world, G, step)
     last_saved = path if ckpt else None
     with stop_requests() as stop:
         for x, y, bad in loader:
-            unreadable.add(bad, rank)
+            fresh = unreadable.fresh(bad)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # Encoding inside inference mode yields inference tensors; clone() makes them usable by autograd.
             c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x
@@ -789,7 +790,10 @@ def train(args):
             y = torch.where(drop, data.num_classes, y)
             micro = list(zip(*(v.chunk(n_micro) for v in (c, y, z0, t, u))))
             losses = train_step(ddp, opt, autocast, micro, args.objective, codebook, args.z_loss)
-            stopping, nonfinite = agree(world, device, bool(stop), not torch.isfinite(losses["loss"]))
+            # One all-reduce per step: a stop request, a non-finite loss, newly met unreadable files on any rank.
+            stopping, nonfinite, new_bad = agree(world, device, bool(stop), not torch.isfinite(losses["loss"]), len(fresh))
+            if new_bad:
+                unreadable.add(fresh, rank)
             if nonfinite:
                 raise PurrError(f"the loss is not finite at step {step + 1}; nothing after step {step} is saved; "
                                 f"the last good checkpoint is {last_saved or '(none)'}: resume from it with a lower --lr")
@@ -1058,10 +1062,10 @@ def extract(args):
                                          num_workers=args.num_workers, collate_fn=collate)
     # Each file is this rank's alone, so unreadable ones are reported and counted per rank, and a signal
     # stops each rank at its next batch boundary without waiting for the others.
-    unreadable, progress = Unreadable(data, 1, device), Progress("extract", len(todo) * world, len(todo), "images")
+    unreadable, progress = Unreadable(data, 1), Progress("extract", len(todo) * world, len(todo), "images")
     with stop_requests() as stop:
         for (x, y, bad), start in zip(loader, range(0, len(todo), args.batch_size)):
-            unreadable.add(bad, 0)
+            unreadable.add(unreadable.fresh(bad), 0)
             idx = [i for i, _ in todo[start:start + args.batch_size]]
             x = to_unit(x.to(device))
             c = torch.stack([tok.encode(x), tok.encode(x.flip(3))], 1)
