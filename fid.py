@@ -25,7 +25,7 @@ from scipy import linalg
 WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name
 WEIGHTS_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the same file
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS
-IMAGE_EXTS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+IMAGE_EXTS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # compared lower-case (ImageNet's .JPEG); purr's folders too
 PREPROCESS = ("fidelity", "pytorch-fid")
 
 
@@ -227,24 +227,13 @@ def load_inception(path=None, preprocess="fidelity"):
 # ----------------------------------------------------------------------------------------------
 # Image sources: (count, iterator of uint8 [B, 3, H, W] batches), checked before any network runs.
 
-def center_crop(img, size):
-    """ADM's center crop (also purr's training crop): to RGB first (PIL resizes palette images
-    nearest-neighbour), halve with a box filter while the image is at least 2x too large, resize bicubic
-    so the short side is `size`, cut the center square."""
-    img = img.convert("RGB")
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
-    arr = np.asarray(img)
-    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[y:y + size, x:x + size]
-
-
 def _read_image(f, crop=None):
     try:
         with Image.open(f) as im:
-            return center_crop(im, crop) if crop else np.asarray(im.convert("RGB"))
+            if crop:
+                from purr import center_crop  # ADM's crop lives with purr's data code, which imports this module
+                return center_crop(im, crop)
+            return np.asarray(im.convert("RGB"))
     except Exception as e:
         raise FIDError(f"{f}: cannot read image ({type(e).__name__})") from None
 

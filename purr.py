@@ -6,11 +6,16 @@ categorical posterior pi over the K codebook vectors at every position (Eq. 12),
 cross-entropy against c (Eq. 14). Sampling integrates the velocity (mu - z_t)/(1 - t) with
 mu = sum_k pi_k e_k (Eq. 13), pi = softmax(logits / tau) (Eq. 15), then decodes the nearest codes.
 
+Reading order: the DiT; Purrception (embed, interpolant, Eq. 14 in purr_loss_formula, Algorithm 1's loss
+in purr_training_loss, Eq. 13 and 15 in posterior_mean and purr_velocity, Algorithm 2 in algorithm2); the
+baselines; training (TRAIN_DEFAULTS, train); sampling (sample); then an appendix of plumbing.
+
     python purr.py train                      # built-in demo data + tiny tokenizer, a few CPU minutes
     python purr.py sample --tau 0.8           # grid of samples from the newest checkpoint
     torchrun --nproc_per_node=8 purr.py train --model XL/2 --data /imagenet/train --vq llamagen-vq-ds8 ...
 """
 import argparse
+import collections
 import contextlib
 import copy
 import datetime
@@ -41,7 +46,7 @@ class PurrError(Exception):
     """A problem with the user's input: printed as one line, without a traceback."""
 
 
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
 # DiT backbone (Peebles & Xie 2023) with a categorical head: K logits for every latent position.
 
 def modulate(x, shift, scale):
@@ -193,12 +198,38 @@ DiT_models = {f"{name}/{p}": functools.partial(DiT, depth=d, hidden_size=h, num_
               for name, (d, h, n) in DIT_SIZES.items() for p in ((1, 2) if name == "T" else (2, 4, 8))}
 
 
-# ----------------------------------------------------------------------------------------------
-# The Purrception loss (Eq. 14) with z-loss (App. D).
+# ==============================================================================================
+# Purrception (Sec. 3). A tokenizer maps an image to codes c and to z_1 = e_c; z_t interpolates
+# towards z_1 from noise z_0. The network's logits give the posterior pi over the K codes at every
+# position (Eq. 12), tempered by tau (Eq. 15); its mean mu = sum_k pi_k e_k gives the velocity
+# (Eq. 13). Training is cross-entropy against c (Eq. 14, Algorithm 1); sampling integrates the
+# velocity (Algorithm 2).
+
+Batch = collections.namedtuple("Batch", "c y z0 t u")  # codes, labels, noise z_0, times t, DFM's uniforms
+
+
+def embed(codebook, c):
+    """z_1 = e_c: codes [B,h,w] -> latents [B,d,h,w]."""
+    return codebook[c].permute(0, 3, 1, 2)
+
+
+def interpolant(z0, z1, t):
+    """z_t = t z_1 + (1 - t) z_0, with t [B]."""
+    t = t.view(-1, 1, 1, 1)
+    return t * z1 + (1 - t) * z0
+
+
+def purr_loss_formula(logits, c, z_weight):
+    """Eq. 14 as written: -log q(c | z_t) = -log pi_c, averaged over positions, and the z-loss of
+    App. D, z_weight (log Z)^2 with Z = sum_k exp(logit_k). logits [..., K], codes c [...]."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits, c.reshape(-1)), z_weight * torch.logsumexp(logits, -1).pow(2).mean()
+
 
 class CrossEntropyZ(torch.autograd.Function):
-    """Per-position cross-entropy -log pi_c and log Z for logits [N,K], in row chunks: keeps only the
-    logits (in their own dtype, bf16 under autocast) and log Z, never a full fp32 softmax."""
+    """purr_loss_formula's two terms per position, with the same values and gradients (tested), for
+    logits [N,K] in row chunks: it keeps only the logits (bf16 under autocast) and log Z, never a
+    full fp32 copy of pi."""
 
     @staticmethod
     def forward(ctx, logits, c, chunk):
@@ -224,59 +255,75 @@ class CrossEntropyZ(torch.autograd.Function):
 
 
 def purr_loss(logits, c, z_weight=1e-5, chunk=8192):
-    """Eq. 14: mean over positions of -log q(c | z_t), plus z_weight (log Z)^2. logits [...,K], c [...]."""
+    """Eq. 14 and the z-loss as training computes them (CrossEntropyZ): (mean -log pi_c, z-loss)."""
     ce, log_z = CrossEntropyZ.apply(logits.reshape(-1, logits.shape[-1]), c.reshape(-1), chunk)
     return ce.mean(), z_weight * log_z.pow(2).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# The sampler (Eq. 13, 15; Algorithm 2).
+def purr_training_loss(model, b, codebook, z_weight):
+    """Algorithm 1 on a batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14)."""
+    logits = model(interpolant(b.z0, embed(codebook, b.c), b.t), b.t, b.y)
+    ce, zloss = purr_loss(logits, b.c, z_weight)
+    return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
+
 
 POSITIONS_PER_CHUNK = 4096  # rows of logits turned into fp32 at once by posterior_mean and entropy
 
 
-def posterior_mean(logits, codebook, tau, chunk=None):
-    """mu = sum_k pi_k e_k with pi = softmax(logits / tau) (Eq. 13, 15). logits [..., K] -> mu [..., d].
+def posterior_mean(logits, codebook, tau):
+    """mu = sum_k pi_k e_k (Eq. 13) with pi = softmax(logits / tau) (Eq. 15). logits [..., K] -> mu [..., d].
     In fp32 whatever the autocast, and by chunks of positions: a guided XL/2 batch of 64 at K = 16384
     has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
     flat = logits.reshape(-1, logits.shape[-1])
     with torch.autocast(logits.device.type, enabled=False):
-        mu = torch.cat([torch.softmax(l.float() / tau, -1) @ codebook.float()
-                        for l in flat.split(chunk or POSITIONS_PER_CHUNK)])
+        mu = torch.cat([torch.softmax(l.float() / tau, -1) @ codebook.float() for l in flat.split(POSITIONS_PER_CHUNK)])
     return mu.view(*logits.shape[:-1], -1)
 
 
-def make_velocity(model, codebook, y, tau, cfg_scale, objective="purr", on_logits=None):
-    """v(z_t) = (mu(z_t) - z_t) / (1 - t) (Eq. 13). Guidance combines logits, not velocities: the
-    guided posterior stays a distribution over codes, so mu stays in the codebook's convex hull and
-    tau (Eq. 15) tempers the guided logits the same way it tempers unguided ones.
-    The continuous baselines: CFM's network is the velocity; CFM-endpoint's predicted z_1 takes mu's place."""
-    def velocity(t, z):
-        def mu(logits):  # per position, before unpatchifying
+def temperature(tau, t):
+    """tau of Eq. 15 at time t: a number, or a schedule t -> tau (see tau_schedule)."""
+    return tau(float(t)) if callable(tau) else tau
+
+
+def network(model, z, t, y, cfg_scale, head=None):
+    """The (guided) network output at time t as [B,C,h,w] fp32; head maps each position's output first."""
+    tt = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(len(z))
+    return model.forward_with_cfg(z, tt, y, cfg_scale, head).float().permute(0, 3, 1, 2)
+
+
+def purr_velocity(model, codebook, y, tau, cfg_scale, on_logits=None):
+    """v_t(z_t) = (mu_t(z_t) - z_t) / (1 - t) (Eq. 13). Guidance combines logits, not velocities: the
+    guided posterior stays a distribution over codes, so mu stays in the codebook's convex hull and tau
+    tempers guided logits as it tempers unguided ones. on_logits(t, logits) sees every evaluation."""
+    def v(t, z):
+        def mu(logits):  # per position, before unpatchifying: d channels leave the network, not K
             if on_logits is not None:
                 on_logits(t, logits)
-            return posterior_mean(logits, codebook, tau)
-        tt = t.expand(len(z)).to(z)
-        out = model.forward_with_cfg(z, tt, y, cfg_scale, mu if objective == "purr" else None).float().permute(0, 3, 1, 2)
-        return out if objective == "cfm" else (out - z) / (1 - tt).view(-1, 1, 1, 1)
-    return velocity
+            return posterior_mean(logits, codebook, temperature(tau, t))
+        return (network(model, z, t, y, cfg_scale, mu) - z) / (1 - t)
+    return v
+
+
+@torch.no_grad()
+def algorithm2(v, z0, T):
+    """Algorithm 2 (Euler): z_{s+1} = z_s + (1/T) v_{s/T}(z_s) for s = 0..T-1. It never evaluates t = 1,
+    where 1/(1 - t) is singular, and its last step lands exactly on mu: z + (1/T)(mu - z)/(1/T) = mu."""
+    z = z0
+    for s in range(T):
+        z = z + v(s / T, z) / T
+    return z
 
 
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
 
 
 @torch.no_grad()
-def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler",
-                   objective="purr", on_logits=None):
-    """Algorithm 2 through torchdiffeq. The 1/(1-t) of Eq. 13 is singular at t = 1, so every solver
-    integrates on the grid t = s/T only up to t = (T-1)/T, where 1/(1-t) <= T; the last step is
-    Euler's, which lands exactly on mu (z + (1/T)(mu - z)/(1/T) = mu), as in Algorithm 2.
-    Adaptive solvers (dopri5) integrate [0, (T-1)/T] to their tolerance, with a first step of 1/T and
-    a step forced to end at (T-1)/T (torchdiffeq otherwise probes and steps past the end), then take
-    that last step. (CFM has no singularity; it shares the grid so all objectives step alike.)"""
+def integrate(v, z0, T, method):
+    """Other solvers (torchdiffeq) on Algorithm 2's grid t = s/T up to (T-1)/T, where 1/(1-t) <= T, then
+    Algorithm 2's last step. Adaptive solvers integrate [0, (T-1)/T] to their tolerance, with a first
+    step of 1/T and a step forced to end at (T-1)/T (torchdiffeq otherwise steps past the end).
+    integrate(v, z0, T, "euler") equals algorithm2 (tested)."""
     from torchdiffeq import odeint
-    v = make_velocity(model, codebook, y, tau, cfg_scale, objective, on_logits)
-    T = num_steps
     z = z0
     if T > 1:
         grid = (torch.arange(T, dtype=torch.float64) / T).to(z0.device, torch.float32)
@@ -295,8 +342,25 @@ def entropy(logits, tau):
     return torch.cat([-(lp.exp() * lp).sum(-1) for lp in logp]).view(logits.shape[:-1])
 
 
-# ----------------------------------------------------------------------------------------------
-# Discrete flow matching baseline (Gat et al. 2024): a mixture path on the indices, MASK source.
+# ==============================================================================================
+# The baselines of Sec. 4.1 on the same DiT, batch and sampler grid: CFM regresses the velocity
+# z_1 - z_0; CFM-endpoint regresses z_1 and moves like Eq. 13 with its prediction in mu's place;
+# DFM (Gat et al. 2024) predicts codes from masked codes and samples by discrete jumps.
+
+def cfm_training_loss(model, b, codebook, z_weight, endpoint=False):
+    """MSE of the network's output against the velocity z_1 - z_0 (CFM), or against z_1 (CFM-endpoint)."""
+    z1 = embed(codebook, b.c)
+    out = model(interpolant(b.z0, z1, b.t), b.t, b.y).permute(0, 3, 1, 2).float()
+    mse = (out - (z1 if endpoint else z1 - b.z0)).pow(2).mean()
+    return {"loss": mse, "mse": mse}
+
+
+def cfm_velocity(model, codebook, y, tau, cfg_scale, on_logits=None, endpoint=False):
+    """CFM's output is the velocity; CFM-endpoint's predicted z_1 takes mu's place in Eq. 13."""
+    if endpoint:
+        return lambda t, z: (network(model, z, t, y, cfg_scale) - z) / (1 - t)
+    return lambda t, z: network(model, z, t, y, cfg_scale)
+
 
 def dfm_path(c, t, u, K, n=3):
     """x_t = c with probability kappa(t) = t^n, else MASK (index K); u ~ U(0,1) per position."""
@@ -315,6 +379,11 @@ def dfm_input(x, codebook):
     return torch.cat([e, (x == K)[..., None].to(e)], -1).permute(0, 3, 1, 2)
 
 
+def dfm_training_loss(model, b, codebook, z_weight):
+    ce, _ = purr_loss(model(dfm_input(dfm_path(b.c, b.t, b.u, len(codebook)), codebook), b.t, b.y), b.c, 0.0)
+    return {"loss": ce, "ce": ce}
+
+
 @torch.no_grad()
 def sample_dfm(model, codebook, y, shape, tau=1.0, cfg_scale=1.0, num_steps=100, n=3):
     """Discrete Euler from all-MASK: draw x1 ~ p(x_1 | x_t); where x_t != x1, jump to x1 with
@@ -324,15 +393,381 @@ def sample_dfm(model, codebook, y, shape, tau=1.0, cfg_scale=1.0, num_steps=100,
     for s in range(T):
         t = s / T
         logits = model.forward_with_cfg(dfm_input(x, codebook), torch.full((len(x),), t, device=x.device), y, cfg_scale)
-        x1 = torch.multinomial(torch.softmax(logits.float().reshape(-1, K) / tau, -1), 1).view(shape)
+        x1 = torch.multinomial(torch.softmax(logits.float().reshape(-1, K) / temperature(tau, t), -1), 1).view(shape)
         if s == T - 1:
             return x1
         jump = torch.rand(shape, device=x.device) < 1 - math.exp(-dfm_rate(t, n) / T)
         x = torch.where(jump & (x != x1), x1, x)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: the built-in demo images, image folders, tokens.
+# The one place that dispatches on the objective: its training loss, and its velocity (DFM: jumps instead).
+Objective = collections.namedtuple("Objective", "training_loss velocity")
+OBJECTIVES = {"purr": Objective(purr_training_loss, purr_velocity), "cfm": Objective(cfm_training_loss, cfm_velocity),
+              "cfm-endpoint": Objective(functools.partial(cfm_training_loss, endpoint=True),
+                                        functools.partial(cfm_velocity, endpoint=True)),
+              "dfm": Objective(dfm_training_loss, None)}
+
+
+def training_losses(model, objective, batch, codebook, z_weight):
+    return OBJECTIVES[objective].training_loss(model, batch, codebook, z_weight)
+
+
+@torch.no_grad()
+def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler",
+                   objective="purr", on_logits=None):
+    """z_0 -> z_1 with the objective's velocity: Algorithm 2 for Euler, torchdiffeq for other methods."""
+    v = OBJECTIVES[objective].velocity(model, codebook, y, tau, cfg_scale, on_logits)
+    return algorithm2(v, z0, num_steps) if method == "euler" else integrate(v, z0, num_steps, method)
+
+
+def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None,
+             precision="fp32"):
+    """Noise z0 [B,d,h,w] -> code indices [B,h,w]: sample_latents and the nearest code of z_1, or DFM's jumps
+    (which ignore z0). bf16 runs the DiT in autocast; pi, mu, the ODE state and the tokenizer stay fp32."""
+    with torch.autocast(z0.device.type, torch.bfloat16, enabled=precision == "bf16"):
+        if objective == "dfm":
+            return sample_dfm(model, tok.codebook, y, z0[:, 0].shape, tau, cfg_scale, num_steps)
+        z1 = sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective, on_logits)
+    return tok.quantize(z1)
+
+
+def tau_schedule(kind, tau, tau_end=None):
+    """tau(t) for sampling: 'constant' tau, or 'linear' from tau at t = 0 to tau_end at t = 1 (Sec. 5's open
+    question of temperature schedules)."""
+    if kind == "constant":
+        return tau
+    return lambda t: tau + (tau_end - tau) * t
+
+
+# ==============================================================================================
+# Training: Algorithm 1 over a dataset, as `purr.py train` runs it.
+
+# The defaults, as (demo, --data). With --data: the paper's recipe (App. C). The built-in demo trains a small
+# model for minutes: a higher lr and a short EMA (half-life ~70 steps), since so few steps are too few for the
+# paper's 1e-4 and 0.9999 (README: "The demo's recipe"). `--help` prints both; a checkpoint stores every
+# value; on resume a flag not given takes the checkpoint's. Precision "auto": default_precision().
+TRAIN_DEFAULTS = {"model": ("T/2", "S/2"), "steps": (1500, 400_000), "global_batch_size": (64, 256),
+                  "lr": (2e-3, 1e-4), "warmup": (0, 0), "decay": (0.0, 0.0), "ema_decay": (0.99, 0.9999),
+                  "objective": ("purr", "purr"), "z_loss": (1e-5, 1e-5), "class_dropout": (0.1, 0.1),
+                  "log_every": (100, 100), "ckpt_every": (500, 50_000), "keep": (0, 0), "seed": (0, 0),
+                  "precision": ("auto", "auto"), "num_workers": (0, 8), "grad_accum": (1, 1),
+                  "micro_batch_size": (0, 0), "grad_checkpoint": (False, False), "compile": (False, False)}
+DEMO_TOKENIZER = {"codebook_size": 256, "dim": 8, "patch": 4, "iters": 25}  # vq.fit_tiny: K codes, d, pixels per side
+# What a resumed run may change: schedule, logging, disk, and how the same global batch is computed.
+RESUME_MAY_CHANGE = ("steps", "lr", "warmup", "decay", "log_every", "ckpt_every", "num_workers", "keep", "precision",
+                     "grad_accum", "micro_batch_size", "grad_checkpoint", "compile")
+
+
+def learning_rate(cfg, step):
+    """Linear warm-up over the first `warmup` steps, linear decay to 0 over the last `decay` fraction."""
+    lr, steps = cfg["lr"], cfg["steps"]
+    if step < cfg["warmup"]:
+        lr *= (step + 1) / cfg["warmup"]
+    if cfg["decay"] and step >= steps * (1 - cfg["decay"]):
+        lr *= (steps - step) / (steps * cfg["decay"])
+    return lr
+
+
+def train_step(model, opt, micro_batches, objective, codebook, z_weight, autocast):
+    """One AdamW update from equal micro-batches (Batch) that together are this process's share of the
+    global batch: the gradients of loss / N add up to the big batch's, and DDP all-reduces them once, on
+    the last micro-batch (no_sync on the others)."""
+    opt.zero_grad(set_to_none=True)
+    n, totals = len(micro_batches), {}
+    for i, batch in enumerate(micro_batches):
+        with model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext():
+            with autocast:
+                losses = training_losses(model, objective, batch, codebook, z_weight)
+            (losses["loss"] / n).backward()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0) + v.detach().float() / n
+    opt.step()
+    return totals
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train(args):
+    """Algorithm 1 on the global batch of every step (its z_0, t and dropped labels drawn from the seed and
+    the step, so any number of processes and micro-batches makes the same update), then the EMA; logs,
+    checkpoints and a clean stop on a signal around it."""
+    rank, world, device = setup_distributed()
+    ckpt, ckpt_path = find_resume(args)
+    cfg, changed = resolve_config(args, ckpt)
+    data, tok = open_data(cfg, device)
+    cfg.update(latent_shape(cfg, data, tok))
+    model, ema, opt, step = build_training(cfg, ckpt, ckpt_path, device)
+    G, steps = cfg["global_batch_size"], cfg["steps"]
+    b, n_micro = split_batch(G, world, cfg["grad_accum"], cfg["micro_batch_size"])
+    layout = f"{world} process(es) x {n_micro} micro-batch(es) of {b // n_micro} on {device}"
+    run = announce(cfg, model, data, tok, layout, ckpt_path and (ckpt_path, step), changed) if rank == 0 else None
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.compile(ddp) if cfg["compile"] else ddp
+    loader = torch.utils.data.DataLoader(data, batch_sampler=RankBatches(len(data), step, steps, G, rank, world, cfg["seed"]),
+                                         collate_fn=collate, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg["precision"] == "bf16")
+    codebook, unreadable, log, last_saved = tok.codebook.to(device), Unreadable(data, world), Log(run, world, G, step), ckpt_path
+    with stop_requests() as stop:
+        for x, y, bad in loader:
+            fresh = unreadable.fresh(bad)
+            micro = micro_batches(cfg, tok, x.to(device), y.to(device), step, slice(rank * b, (rank + 1) * b), n_micro)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            losses = train_step(ddp, opt, micro, cfg["objective"], codebook, cfg["z_loss"], autocast)
+            # One all-reduce per step: a stop request, a non-finite loss, newly met unreadable files on any rank.
+            stopping, nonfinite, new_bad = agree(world, device, bool(stop), not torch.isfinite(losses["loss"]), len(fresh))
+            if new_bad:
+                unreadable.add(fresh, rank)
+            if nonfinite:
+                raise PurrError(f"the loss is not finite at step {step + 1}; nothing after step {step} is saved; "
+                                f"the last good checkpoint is {last_saved or '(none)'}: resume from it with a lower --lr")
+            update_ema(ema, model, cfg["ema_decay"])
+            step += 1
+            log.add(step, losses, len(unreadable.seen), final=step % cfg["log_every"] == 0 or step == steps)
+            if step % cfg["ckpt_every"] == 0 or step == steps or stopping:
+                last_saved = save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_saved)
+            if stopping:
+                say_stopped(cfg, step, last_saved, rank)
+                break
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return run
+
+
+def micro_batches(cfg, tok, x, y, step, sl, n):
+    """This rank's slice `sl` of the step's global batch as n micro-Batches: codes c (images are encoded here),
+    labels with the dropped ones set to the null class, and z_0, t (and DFM's uniforms) from draw_noise."""
+    c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x  # clone: inference-mode tensors -> autograd
+    z0, t, drop, u = draw_noise(cfg["global_batch_size"], sl, step, cfg["seed"], cfg["latent_size"],
+                                cfg["latent_channels"], cfg["class_dropout"], x.device)
+    y = torch.where(drop, cfg["num_classes"], y)
+    return [Batch(*m) for m in zip(*(v.chunk(n) for v in (c, y, z0, t, u)))]
+
+
+def draw_noise(G, sl, step, seed, size, d, class_dropout, device):
+    """z_0, t, label drops (and DFM's uniforms) of the whole global batch from (seed, step); each rank
+    takes its slice, so the update does not depend on the number of processes or micro-batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    z0 = torch.randn(G, d, size, size, generator=g)[sl]
+    t = torch.rand(G, generator=g)[sl]
+    drop = torch.rand(G, generator=g)[sl] < class_dropout
+    u = torch.rand(G, size, size, generator=g)[sl]
+    return z0.to(device), t.to(device), drop.to(device), u.to(device)
+
+
+def find_resume(args):
+    """(checkpoint, its path) for --resume (the newest under --results-dir by default), else (None, None)."""
+    if not args.resume:
+        return None, None
+    path = (checkpoint_paths(args.results_dir)[-1:] or [None])[0] if args.resume == "latest" else args.resume
+    return load_checkpoint(path), path
+
+
+def resolve_config(args, ckpt):
+    """The run's settings as a dict: given flags, else the checkpoint's (on resume), else TRAIN_DEFAULTS.
+    On resume only RESUME_MAY_CHANGE may differ from the checkpoint; the changes are returned."""
+    cfg, changed, demo = {k: v for k, v in vars(args).items() if k != "func"}, [], args.data is None
+    for k, (demo_value, value) in TRAIN_DEFAULTS.items():
+        given, old = cfg[k], (ckpt["args"].get(k, demo_value if demo else value) if ckpt else None)
+        if ckpt and given is not None and given != old:
+            if k not in RESUME_MAY_CHANGE:
+                raise PurrError(f"the checkpoint was trained with --{k.replace('_', '-')} {old}, not {given}: resume "
+                                "with the same model and data (a resumed run may change only "
+                                f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)})")
+            changed.append(f"--{k.replace('_', '-')} {old} -> {given}")
+        cfg[k] = given if given is not None else old if ckpt else demo_value if demo else value
+    cfg["precision"] = default_precision() if cfg["precision"] == "auto" else cfg["precision"]
+    if cfg["model"] not in DiT_models:
+        raise PurrError(f"unknown --model {cfg['model']}; choose one of {', '.join(DiT_models)}")
+    return cfg, changed
+
+
+def latent_shape(cfg, data, tok):
+    """What the data and tokenizer fix: latent size and channels, codebook size, number of classes."""
+    probe = data[(0, 0)][0]
+    size = probe.shape[-1] // (tok.downsample if probe.dim() == 3 else 1)
+    if size % int(cfg["model"].split("/")[1]):
+        raise PurrError(f"--model {cfg['model']}: the latent size {size} is not divisible by its patch size")
+    return {"latent_size": size, "latent_channels": tok.codebook.shape[1], "codebook_size": len(tok.codebook),
+            "num_classes": data.num_classes}
+
+
+def build_model(a):
+    """The DiT of a run, from its settings: one place, so train and sample always agree."""
+    d, objective = a["latent_channels"], a["objective"]
+    return DiT_models[a["model"]](input_size=a["latent_size"], in_channels=d + (objective == "dfm"),
+                                  codebook_size=a["codebook_size"], num_classes=a["num_classes"],
+                                  out_channels=d if objective.startswith("cfm") else None)
+
+
+def build_training(cfg, ckpt, path, device):
+    """Model, EMA and AdamW (App. C), from the seed or restored from the checkpoint; and the step."""
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg).to(device)
+    model.grad_checkpoint = cfg["grad_checkpoint"]
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6)
+    if not ckpt:
+        return model, ema, opt, 0
+    differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("latent_size", "latent_channels", "codebook_size",
+                                                                      "num_classes") if ckpt["args"][k] != cfg[k]]
+    if differ:
+        raise PurrError(f"{path} was trained with {', '.join(differ)}: resume with the same model and data")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])  # its lr is set at every step from the run's settings
+    return model, ema, opt, ckpt["step"]
+
+
+def announce(cfg, model, data, tok, layout, resumed, changed):
+    """The run folder (a new one, or that of the resumed checkpoint) and the run's first line."""
+    run = os.path.dirname(os.path.dirname(resumed[0])) if resumed else new_run_dir(cfg["results_dir"], cfg["model"])
+    print(f"purr train: {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
+          f"{len(data)} images, tokenizer {tok.name} (K={cfg['codebook_size']}, d={cfg['latent_channels']}, latent "
+          f"{cfg['latent_size']}x{cfg['latent_size']}), {layout}, {cfg['precision']}, run folder {run}"
+          + (f", resumed at step {resumed[1]}" if resumed else ""), flush=True)
+    if changed:
+        print("resume: " + ", ".join(changed), flush=True)
+    return run
+
+
+def say_stopped(cfg, step, last_saved, rank):
+    if rank == 0:
+        print(f"purr train: stopped by signal at step {step}/{cfg['steps']}, saved {last_saved}; resume with: "
+              f"python purr.py train --resume {last_saved} --results-dir {cfg['results_dir']}"
+              + (f" --data {cfg['data']}" if cfg["data"] else ""), flush=True)
+
+
+# ==============================================================================================
+# Sampling: Algorithm 2 for a batch of labels, as `purr.py sample` runs it.
+
+def sample(args):
+    """Images from a checkpoint's EMA weights, sharded over processes. Each image's noise comes from (seed,
+    its index), so the images do not depend on the number of processes or the batch size."""
+    ckpt_path = check_sample_args(args)
+    rank, world, device = setup_distributed()
+    model, tok, a, step = load_sampler(ckpt_path, args.vq_ckpt, device)
+    labels, y = sample_labels(args, a)
+    n, size, d, grid = len(y), a["latent_size"], a["latent_channels"], args.out.endswith(".png")
+    mine, net = range(rank * n // world, (rank + 1) * n // world), torch.compile(model) if args.compile else model
+    tau = tau_schedule(args.tau_schedule, args.tau, args.tau_end)
+    if rank == 0:
+        print(f"purr sample: {n} images from {ckpt_path} on {world} process(es), {device}, {args.precision}",
+              file=sys.stderr, flush=True)
+    images, entropies, progress = [], [], Progress("sample", n, len(mine), "images")
+    for i in range(mine.start, mine.stop, args.batch_size):
+        idx = range(i, min(i + args.batch_size, mine.stop))
+        z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(args.seed * 10_000_019 + j))
+                          for j in idx]).to(device)
+        torch.manual_seed(args.seed * 10_000_019 + i)  # DFM's jumps
+        record = entropy_recorder(model, tau, args.entropy_t, entropies) if args.entropy_map else None
+        c = generate(net, tok, a["objective"], y[idx.start:idx.stop].to(device), z0, tau, args.cfg_scale,
+                     args.num_steps, args.method, record, args.precision)
+        images.append(vqlib.to_uint8(tok.decode(c)).cpu())
+        if rank == 0:
+            progress.update(len(idx))
+    images = torch.cat(images) if images else torch.zeros(0, 3, size * tok.downsample, size * tok.downsample, dtype=torch.uint8)
+    np.save(f"{args.out}.rank{rank}.npy", images.permute(0, 2, 3, 1).numpy())
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        recipe = (f"{n} samples from {ckpt_path} (EMA, step {step}, {a['objective']}), tau={args.tau}"
+                  f"{f' -> {args.tau_end} ({args.tau_schedule})' if args.tau_schedule != 'constant' else ''} "
+                  f"cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
+        write_samples(args, world, labels, y, grid, recipe)
+        if args.entropy_map and entropies and world == 1:
+            emap = os.path.splitext(args.out)[0] + "_entropy.png"
+            save_grid(heat(torch.cat(entropies) / math.log(a["codebook_size"]), images.shape[-1]), len(labels), emap)
+            print(f"entropy of pi at t={args.entropy_t} (0 black .. log K white) -> {emap}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def check_sample_args(args):
+    """One line for each bad flag; the checkpoint to sample from."""
+    if args.tau <= 0 or (args.tau_end is not None and args.tau_end <= 0):
+        raise PurrError(f"--tau {args.tau}: the softmax temperature must be > 0 (the paper uses 0.8-0.9)")
+    if (args.tau_schedule == "linear") != (args.tau_end is not None):
+        raise PurrError("--tau-schedule linear goes from --tau at t = 0 to --tau-end at t = 1: give both, or neither")
+    if args.num_steps < 1:
+        raise PurrError(f"--num-steps {args.num_steps}: need at least 1 integration step (default 100)")
+    if not args.out.endswith((".png", ".npz")):
+        raise PurrError(f"--out {args.out}: write a grid (.png) or an ADM sample batch (.npz)")
+    if args.fid_ref and not os.path.isfile(args.fid_ref):
+        raise PurrError(f"--fid-ref {args.fid_ref} not found; make it with 'python fid.py --save-stats VAL_DIR ref.npz'")
+    ckpt_path = args.ckpt or (checkpoint_paths(args.results_dir) or [None])[-1]
+    if ckpt_path is None:
+        raise PurrError(f"no checkpoint under {args.results_dir}/; train first ('python purr.py train') or pass --ckpt PATH")
+    return ckpt_path
+
+
+def sample_labels(args, a):
+    """(the labels shown, one per image): a grid has one row per label; a batch for FID cycles through
+    the labels, so classes are balanced."""
+    classes, grid = a["num_classes"], args.out.endswith(".png")
+    labels = args.class_labels or default_labels(classes, grid)
+    if args.entropy_map and a["objective"] != "purr":
+        raise PurrError(f"--entropy-map shows the entropy of Purrception's posterior over codes; this "
+                        f"{a['objective']} checkpoint has none")
+    if not all(0 <= l < classes for l in labels):
+        raise PurrError(f"--class-labels must lie in [0, {classes - 1}]")
+    n = args.num_samples or 8 * len(labels)
+    y = torch.tensor(labels).repeat_interleave(math.ceil(n / len(labels)))[:n] if grid else \
+        torch.tensor(labels)[torch.arange(n) % len(labels)]
+    return labels, y
+
+
+def default_labels(classes, grid):
+    """Every class for a small label set or an FID batch; a grid of a large one shows 8 classes (ImageNet's:
+    DiT's sample classes, dog, otter, ...), evenly spread otherwise."""
+    if classes <= 16 or not grid:
+        return list(range(classes))
+    return [207, 360, 387, 974, 88, 979, 417, 279] if classes == 1000 else [i * (classes - 1) // 7 for i in range(8)]
+
+
+def entropy_recorder(model, tau, at, out):
+    """An on_logits hook: appends to `out` the entropy of pi at the first evaluation with t >= at, in image order."""
+    seen = []
+
+    def record(t, logits):
+        if not seen and t >= at:
+            seen.append(model.unpatchify(entropy(logits, temperature(tau, t))[..., None])[..., 0])
+            out.append(seen[0])
+    return record
+
+
+def write_samples(args, world, labels, y, grid, recipe):
+    """Rank 0 merges the ranks' shards into the grid or the ADM batch, then scores it against --fid-ref."""
+    shards = [f"{args.out}.rank{r}.npy" for r in range(world)]
+    if grid:
+        save_grid(torch.from_numpy(np.concatenate([np.load(s) for s in shards])).permute(0, 3, 1, 2), len(labels), args.out)
+    else:
+        write_adm_npz(args.out, shards, y.numpy())
+    for s in shards:
+        os.remove(s)
+    print(f"purr sample: {recipe} -> {args.out}", flush=True)
+    if args.fid_ref:
+        ours, ref = fid.statistics(args.out), fid.statistics(args.fid_ref)
+        print(f"FID {fid.frechet_distance(ours['mu'], ours['sigma'], ref['mu'], ref['sigma']):.3f} vs {args.fid_ref}: {recipe}")
+
+
+def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
+    """EMA model, tokenizer, settings and step of a checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    a, spec = ckpt["args"], ckpt["vq"]
+    tok = vqlib.load_tokenizer("tiny", ckpt_path) if spec["name"] == "tiny" else \
+        vqlib.load_tokenizer(spec["name"], vq_ckpt or spec["ckpt"])
+    model = build_model(a)
+    model.load_state_dict(ckpt["ema"])
+    return model.eval().to(device), tok.to(device), a, ckpt["step"]
+
+
+# ==============================================================================================
+# Appendix. Data: the built-in demo images, image folders, token folders, and the batch plan.
 
 DEMO_CLASSES = ["circle", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "star", "bars"]
 
@@ -390,7 +825,18 @@ def to_unit(images):  # uint8 [0,255] -> float [-1,1]
     return images.float() / 127.5 - 1
 
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
+def center_crop(img, size):
+    """ADM's center crop, purr's training crop (also vq.py's recon and fid.py's --center-crop): to
+    RGB first (PIL resizes palette images nearest-neighbour), halve with a box filter while the image is at
+    least 2x too large, resize bicubic so the short side is `size`, cut the center square."""
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
+    arr = np.asarray(img)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size]
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -401,7 +847,7 @@ class ImageFolder(torch.utils.data.Dataset):
             raise PurrError(f"--data {root}: no such folder; give an image folder with one sub-folder per class")
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.files = [(f, y) for y, d in enumerate(self.classes) for f in sorted(glob.glob(os.path.join(root, d, "*")))
-                      if f.endswith(IMAGE_EXTS)]
+                      if f.lower().endswith(fid.IMAGE_EXTS)]
         if not self.files:
             raise PurrError(f"--data {root}: no images found; expected {root}/<class>/<image>.png|jpg "
                             "(one sub-folder per class)")
@@ -420,7 +866,7 @@ class ImageFolder(torch.utils.data.Dataset):
         for j in itertools.chain(range(i, len(self)), range(i)):
             try:
                 with Image.open(self.files[j][0]) as im:
-                    arr = fid.center_crop(im, self.size)
+                    arr = center_crop(im, self.size)
                 break
             except Exception as e:  # whatever a damaged file makes Pillow raise
                 said = str(e).splitlines()[0] if str(e) and self.files[j][0] not in str(e) else ""
@@ -443,6 +889,32 @@ class TokenFolder(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, flip = item
         return torch.from_numpy(np.asarray(self.tokens[i, flip], dtype=np.int64)), self.labels[i], []
+
+
+def open_data(cfg, device):
+    """The training data and the frozen tokenizer. With no --data: the built-in demo images, a tiny
+    tokenizer fitted on them (DEMO_TOKENIZER), and all images (and flips) encoded once."""
+    if cfg["data"] is None:
+        images, labels = demo_dataset(cfg["demo_size"])
+        tok = vqlib.fit_tiny(to_unit(images), seed=cfg["seed"], **DEMO_TOKENIZER)
+        tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
+        return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
+    if os.path.isfile(os.path.join(cfg["data"], "meta.json")):
+        return open_tokens(cfg["data"], cfg["vq_ckpt"], device)
+    return ImageFolder(cfg["data"], cfg["image_size"]), vqlib.load_tokenizer(cfg["vq"], cfg["vq_ckpt"]).to(device)
+
+
+def open_tokens(folder, vq_ckpt, device):
+    """A folder written by `purr.py extract`: memory-mapped tokens, no encoder in the training loop."""
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    done = np.load(os.path.join(folder, "done.npy"), mmap_mode="r")
+    if not done.all():
+        raise PurrError(f"{folder}: extraction is incomplete ({int(done.sum())}/{len(done)} images); "
+                        "rerun the same 'purr.py extract' command to finish it")
+    tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    tok = vqlib.load_tokenizer(meta["vq"], vq_ckpt or meta["vq_ckpt"]).to(device)
+    return TokenFolder(tokens, labels, len(meta["classes"])), tok
 
 
 @functools.lru_cache(maxsize=2)
@@ -469,101 +941,69 @@ class RankBatches(torch.utils.data.Sampler):
     """This rank's slice of every global batch from step `start` on, as lists of (index, flip)."""
 
     def __init__(self, n, start, steps, global_batch, rank, world, seed):
-        self.args = n, start, steps, global_batch, rank, world, seed
+        self.n, self.start, self.steps, self.G, self.seed = n, start, steps, global_batch, seed
+        self.rank, self.world = rank, world
 
     def __len__(self):
-        return self.args[2] - self.args[1]
+        return self.steps - self.start
 
     def __iter__(self):
-        n, start, steps, G, rank, world, seed = self.args
-        b = G // world
-        for step in range(start, steps):
-            idx, flip = global_batch_plan(n, step, G, seed)
-            yield list(zip(idx[rank * b:(rank + 1) * b].tolist(), flip[rank * b:(rank + 1) * b].tolist()))
+        b = self.G // self.world
+        for step in range(self.start, self.steps):
+            idx, flip = global_batch_plan(self.n, step, self.G, self.seed)
+            mine = slice(self.rank * b, (self.rank + 1) * b)
+            yield list(zip(idx[mine].tolist(), flip[mine].tolist()))
+
+
+def collate(items):
+    """A rank's batch: stacked images (or tokens), labels, and the unreadable files met (index, why)."""
+    x, y, bad = zip(*items)
+    return torch.stack(x), torch.stack(y), [b for part in bad for b in part]
+
+
+def split_batch(G, world, grad_accum, micro_batch_size):
+    """(this process's share, micro-batches per step) of the global batch G."""
+    if G % world:
+        raise PurrError(f"--global-batch-size {G} is not divisible by the {world} processes")
+    b = G // world
+    n = b // micro_batch_size if micro_batch_size else grad_accum
+    if n < 1 or b % n or (micro_batch_size and b % micro_batch_size):
+        raise PurrError(f"--global-batch-size {G} on {world} process(es) is {b} per process, which does not split "
+                        f"into {f'micro-batches of {micro_batch_size}' if micro_batch_size else f'{n} equal micro-batches'}; "
+                        "choose a divisor")
+    return b, n
+
+
+class Unreadable:
+    """The unreadable images met so far, over all ranks: each reported once (rank 0, stderr), counted in
+    the log; past max(5, 0.1 % of the data) the run stops with one line naming the first few."""
+
+    def __init__(self, data, world):
+        self.data, self.world, self.seen = data, world, {}
+        self.limit = max(5, len(data) // 1000)
+
+    def fresh(self, bad):
+        """This rank's (index, why) not reported yet; the caller agrees across ranks whether any exist."""
+        return [b for b in bad if b[0] not in self.seen]
+
+    def add(self, mine, rank):
+        gathered = [mine]
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, mine)
+        for i, why in sorted(set(b for part in gathered for b in part)):
+            if i not in self.seen and rank == 0:
+                print(f"unreadable image {self.data.files[i][0]} ({why}): replaced by the next readable file",
+                      file=sys.stderr, flush=True)
+            self.seen[i] = why
+        if len(self.seen) > self.limit:
+            first = ", ".join(self.data.files[i][0] for i in sorted(self.seen)[:5])
+            raise PurrError(f"{len(self.seen)} unreadable images in --data (more than {self.limit}), e.g. {first}: "
+                            "fix or remove them")
 
 
 # ----------------------------------------------------------------------------------------------
-# Training (Algorithm 1).
-
-OBJECTIVES = ("purr", "cfm", "cfm-endpoint", "dfm")
-
-
-def training_losses(model, objective, c, y, z0, t, u, codebook, z_weight):
-    """Algorithm 1 for one batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of the
-    predicted posterior against c (Eq. 14) plus the z-loss (App. D). The baselines on the same
-    batch: CFM regresses the velocity z_1 - z_0, CFM-endpoint regresses z_1 (both MSE), DFM takes
-    the cross-entropy of c from the masked indices x_t (u: its per-position uniforms)."""
-    if objective == "dfm":
-        ce, _ = purr_loss(model(dfm_input(dfm_path(c, t, u, len(codebook)), codebook), t, y), c, 0.0)
-        return {"loss": ce, "ce": ce}
-    z1 = codebook[c].permute(0, 3, 1, 2)
-    tt = t.view(-1, 1, 1, 1)
-    out = model(tt * z1 + (1 - tt) * z0, t, y)
-    if objective == "purr":
-        ce, zloss = purr_loss(out, c, z_weight)
-        return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
-    target = z1 - z0 if objective == "cfm" else z1
-    mse = (out.permute(0, 3, 1, 2).float() - target).pow(2).mean()
-    return {"loss": mse, "mse": mse}
-
-
-def train_step(model, opt, autocast, micro_batches, objective, codebook, z_weight):
-    """One AdamW update from equal micro-batches (c, y, z0, t, u) that together are this process's share
-    of the global batch: the gradients of loss / N add up to the big batch's, and DDP all-reduces them
-    once, on the last micro-batch (no_sync on the others)."""
-    opt.zero_grad(set_to_none=True)
-    n, totals = len(micro_batches), {}
-    for i, batch in enumerate(micro_batches):
-        with model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext():
-            with autocast:
-                losses = training_losses(model, objective, *batch, codebook, z_weight)
-            (losses["loss"] / n).backward()
-        for k, v in losses.items():
-            totals[k] = totals.get(k, 0) + v.detach().float() / n
-    opt.step()
-    return totals
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
-def build_model(a):
-    """The DiT of a run, from its args (a dict): one place, so train and sample always agree."""
-    d, objective = a["latent_channels"], a["objective"]
-    return DiT_models[a["model"]](input_size=a["latent_size"], in_channels=d + (objective == "dfm"),
-                                  codebook_size=a["codebook_size"], num_classes=a["num_classes"],
-                                  out_channels=d if objective.startswith("cfm") else None)
-
-
-def open_data(args, device):
-    """The training data and the frozen tokenizer. With no --data: the built-in demo images, a tiny
-    tokenizer fitted on them, and all images (and flips) encoded once."""
-    if args.data is None:
-        images, labels = demo_dataset(args.demo_size)
-        tok = vqlib.fit_tiny(to_unit(images), seed=args.seed)
-        tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
-        return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
-    if os.path.isfile(os.path.join(args.data, "meta.json")):
-        return open_tokens(args.data, args.vq_ckpt, device)
-    data = ImageFolder(args.data, args.image_size)
-    return data, vqlib.load_tokenizer(args.vq, args.vq_ckpt).to(device)
-
-
-def open_tokens(folder, vq_ckpt, device):
-    """A folder written by `purr.py extract`: memory-mapped tokens, no encoder in the training loop."""
-    meta = json.load(open(os.path.join(folder, "meta.json")))
-    done = np.load(os.path.join(folder, "done.npy"), mmap_mode="r")
-    if not done.all():
-        raise PurrError(f"{folder}: extraction is incomplete ({int(done.sum())}/{len(done)} images); "
-                        "rerun the same 'purr.py extract' command to finish it")
-    tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
-    labels = np.load(os.path.join(folder, "labels.npy"))
-    tok = vqlib.load_tokenizer(meta["vq"], vq_ckpt or meta["vq_ckpt"]).to(device)
-    return TokenFolder(tokens, labels, len(meta["classes"])), tok
-
+# Appendix. Processes, precision and signals.
 
 def default_precision():
     """bf16 where the hardware runs it fast: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
@@ -586,6 +1026,32 @@ def setup_distributed():
         torch.cuda.set_device(device)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
+
+def agree(world, device, *flags):
+    """All ranks see the sum of each flag over ranks (one small all-reduce per step)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # preemption, scancel, time limits, Ctrl-C
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Record SIGTERM/SIGINT/SIGUSR1 instead of dying: the loop finishes its step and saves."""
+    got = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield got
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix. Checkpoints and logs.
 
 def checkpoint_paths(folder):
     return sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True), key=os.path.getmtime)
@@ -633,193 +1099,7 @@ def new_run_dir(results, model):
     return run
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # preemption, scancel, time limits, Ctrl-C
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """Record SIGTERM/SIGINT/SIGUSR1 instead of dying: the loop finishes its step and saves."""
-    got = []
-    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
-    try:
-        yield got
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def agree(world, device, *flags):
-    """All ranks see the sum of each flag over ranks (one small all-reduce per step)."""
-    t = torch.tensor([float(f) for f in flags], device=device)
-    if world > 1:
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-class Unreadable:
-    """The unreadable images met so far, over all ranks: each reported once (rank 0, stderr), counted in
-    the log; past max(5, 0.1 % of the data) the run stops with one line naming the first few."""
-
-    def __init__(self, data, world):
-        self.data, self.world, self.seen = data, world, {}
-        self.limit = max(5, len(data) // 1000)
-
-    def fresh(self, bad):
-        """This rank's (index, why) not reported yet; the caller agrees across ranks whether any exist."""
-        return [b for b in bad if b[0] not in self.seen]
-
-    def add(self, mine, rank):
-        gathered = [mine]
-        if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, mine)
-        for i, why in sorted(set(b for part in gathered for b in part)):
-            if i not in self.seen and rank == 0:
-                print(f"unreadable image {self.data.files[i][0]} ({why}): replaced by the next readable file",
-                      file=sys.stderr, flush=True)
-            self.seen[i] = why
-        if len(self.seen) > self.limit:
-            first = ", ".join(self.data.files[i][0] for i in sorted(self.seen)[:5])
-            raise PurrError(f"{len(self.seen)} unreadable images in --data (more than {self.limit}), e.g. {first}: "
-                            "fix or remove them")
-
-
-def resolve_args(args, ckpt, demo):
-    """The run's settings: given flags, else the checkpoint's (on resume), else TRAIN_DEFAULTS. On resume
-    only RESUME_MAY_CHANGE may differ from the checkpoint; the changes are printed."""
-    changed = []
-    for k, (demo_value, value) in TRAIN_DEFAULTS.items():
-        given, old = getattr(args, k), (ckpt["args"].get(k) if ckpt else None)
-        if ckpt and given is not None and given != old:
-            if k not in RESUME_MAY_CHANGE:
-                raise PurrError(f"the checkpoint was trained with --{k.replace('_', '-')} {old}, not {given}: resume "
-                                "with the same model and data (a resumed run may change only "
-                                f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)})")
-            changed.append(f"--{k.replace('_', '-')} {old} -> {given}")
-        setattr(args, k, given if given is not None else old if ckpt else demo_value if demo else value)
-    return changed
-
-
-def split_batch(G, world, grad_accum, micro_batch_size):
-    """(this process's share, micro-batches per step) of the global batch G."""
-    if G % world:
-        raise PurrError(f"--global-batch-size {G} is not divisible by the {world} processes")
-    b = G // world
-    n = b // micro_batch_size if micro_batch_size else grad_accum
-    if n < 1 or b % n or (micro_batch_size and b % micro_batch_size):
-        raise PurrError(f"--global-batch-size {G} on {world} process(es) is {b} per process, which does not split "
-                        f"into {f'micro-batches of {micro_batch_size}' if micro_batch_size else f'{n} equal micro-batches'}; "
-                        "choose a divisor")
-    return b, n
-
-
-def draw_noise(G, sl, step, seed, size, d, class_dropout, device):
-    """z_0, t, label drops (and DFM's uniforms) of the whole global batch from (seed, step); each rank
-    takes its slice, so the update does not depend on the number of processes or micro-batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    z0 = torch.randn(G, d, size, size, generator=g)[sl]
-    t = torch.rand(G, generator=g)[sl]
-    drop = torch.rand(G, generator=g)[sl] < class_dropout
-    u = torch.rand(G, size, size, generator=g)[sl]
-    return z0.to(device), t.to(device), drop.to(device), u.to(device)
-
-
-def train(args):
-    rank, world, device = setup_distributed()
-    demo = args.data is None
-    ckpt, path = None, None
-    if args.resume:
-        path = (checkpoint_paths(args.results_dir)[-1:] or [None])[0] if args.resume == "latest" else args.resume
-        ckpt = load_checkpoint(path)
-    changed = resolve_args(args, ckpt, demo)
-    if args.model not in DiT_models:
-        raise PurrError(f"unknown --model {args.model}; choose one of {', '.join(DiT_models)}")
-    G = args.global_batch_size
-    b, n_micro = split_batch(G, world, args.grad_accum, args.micro_batch_size)
-    data, tok = open_data(args, device)
-    codebook = tok.codebook.to(device)
-    probe = data[(0, 0)][0]
-    size = probe.shape[-1] // (tok.downsample if probe.dim() == 3 else 1)
-    args.latent_size, args.latent_channels = size, codebook.shape[1]
-    args.codebook_size, args.num_classes = codebook.shape[0], data.num_classes
-    if size % int(args.model.split("/")[1]):
-        raise PurrError(f"--model {args.model}: the latent size {size} is not divisible by its patch size")
-
-    torch.manual_seed(args.seed)
-    model = build_model(vars(args)).to(device)
-    model.grad_checkpoint = args.grad_checkpoint
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6)
-    step, run = 0, None
-    if ckpt:
-        differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("latent_size", "latent_channels",
-                  "codebook_size", "num_classes") if ckpt["args"][k] != vars(args)[k]]
-        if differ:
-            raise PurrError(f"{path} was trained with {', '.join(differ)}: resume with the same model and data")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:  # the optimizer state carries the old lr; --lr on resume wins
-            group["lr"] = args.lr
-        step, run = ckpt["step"], os.path.dirname(os.path.dirname(path))
-    if rank == 0:
-        run = run or new_run_dir(args.results_dir, args.model)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"purr train: {args.model} ({n_params / 1e6:.2f}M parameters), {len(data)} images, "
-              f"tokenizer {tok.name} (K={args.codebook_size}, d={args.latent_channels}, latent {size}x{size}), "
-              f"{world} process(es) x {n_micro} micro-batch(es) of {b // n_micro} on {device}, {args.precision}, "
-              f"run folder {run}" + (f", resumed at step {step}" if ckpt else ""), flush=True)
-        if changed:
-            print("resume: " + ", ".join(changed), flush=True)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    ddp = torch.compile(ddp) if args.compile else ddp
-    loader = torch.utils.data.DataLoader(
-        data, batch_sampler=RankBatches(len(data), step, args.steps, G, rank, world, args.seed), collate_fn=collate,
-        num_workers=args.num_workers if not demo else 0, pin_memory=device.type == "cuda")
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    unreadable, log = Unreadable(data, world), Log(run if rank == 0 else None, world, G, step)
-    last_saved = path if ckpt else None
-    with stop_requests() as stop:
-        for x, y, bad in loader:
-            fresh = unreadable.fresh(bad)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # Encoding inside inference mode yields inference tensors; clone() makes them usable by autograd.
-            c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x
-            z0, t, drop, u = draw_noise(G, slice(rank * b, (rank + 1) * b), step, args.seed, size,
-                                        args.latent_channels, args.class_dropout, device)
-            y = torch.where(drop, data.num_classes, y)
-            micro = list(zip(*(v.chunk(n_micro) for v in (c, y, z0, t, u))))
-            losses = train_step(ddp, opt, autocast, micro, args.objective, codebook, args.z_loss)
-            # One all-reduce per step: a stop request, a non-finite loss, newly met unreadable files on any rank.
-            stopping, nonfinite, new_bad = agree(world, device, bool(stop), not torch.isfinite(losses["loss"]), len(fresh))
-            if new_bad:
-                unreadable.add(fresh, rank)
-            if nonfinite:
-                raise PurrError(f"the loss is not finite at step {step + 1}; nothing after step {step} is saved; "
-                                f"the last good checkpoint is {last_saved or '(none)'}: resume from it with a lower --lr")
-            update_ema(ema, model, args.ema_decay)
-            step += 1
-            log.add(step, losses, len(unreadable.seen), final=step % args.log_every == 0 or step == args.steps)
-            if step % args.ckpt_every == 0 or step == args.steps or stopping:
-                last_saved = save_run(run, step, model, ema, opt, args, tok, rank, world, device, last_saved)
-            if stopping:
-                if rank == 0:
-                    print(f"purr train: stopped by signal at step {step}/{args.steps}, saved {last_saved}; resume with: "
-                          f"python purr.py train --resume {last_saved} --results-dir {args.results_dir}"
-                          + (f" --data {args.data}" if args.data else ""), flush=True)
-                break
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return run
-
-
-def collate(items):
-    """A rank's batch: stacked images (or tokens), labels, and the unreadable files met (index, why)."""
-    x, y, bad = zip(*items)
-    return torch.stack(x), torch.stack(y), [b for part in bad for b in part]
-
-
-def save_run(run, step, model, ema, opt, args, tok, rank, world, device, last_saved):
+def save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_saved):
     """Rank 0 saves a checkpoint (never one of non-finite weights); every rank learns whether it worked."""
     path, error = os.path.join(run, "checkpoints", f"{step:07d}.pt") if run else None, ""
     if rank == 0:
@@ -828,8 +1108,7 @@ def save_run(run, step, model, ema, opt, args, tok, rank, world, device, last_sa
                 raise PurrError(f"the weights are not finite at step {step}; not saving them; the last good checkpoint "
                                 f"is {last_saved or '(none)'}: resume from it with a lower --lr")
             save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                             "args": {k: v for k, v in vars(args).items() if k != "func"}, "step": step,
-                             "vq": tokenizer_spec(tok, args)}, path, args.keep)
+                             "args": cfg, "step": step, "vq": tokenizer_spec(tok, cfg)}, path, cfg["keep"])
             print(f"saved {path}", flush=True)
         except PurrError as e:
             error = str(e)
@@ -838,8 +1117,15 @@ def save_run(run, step, model, ema, opt, args, tok, rank, world, device, last_sa
     return path
 
 
+def tokenizer_spec(tok, cfg):
+    """How sampling finds the tokenizer again: the tiny one travels whole, real ones by name and path."""
+    if tok.name == "tiny":
+        return {"name": "tiny", "config": tok.config(), "state": tok.state_dict()}
+    return {"name": cfg["vq"], "ckpt": os.path.abspath(cfg["vq_ckpt"])}
+
+
 class Log:
-    """Mean losses over ranks and steps since the last line; a line on stdout and in log.jsonl."""
+    """Mean losses over ranks and steps since the last line; a line on stdout and in log.jsonl (rank 0)."""
 
     def __init__(self, run, world, G, step):
         self.run, self.world, self.G, self.last, self.sums, self.t0 = run, world, G, step, 0, time.time()
@@ -860,16 +1146,6 @@ class Log:
         self.sums, self.t0, self.last = 0, time.time(), step
 
 
-def tokenizer_spec(tok, args):
-    """How sampling finds the tokenizer again: the tiny one travels whole, real ones by name and path."""
-    if tok.name == "tiny":
-        return {"name": "tiny", "config": tok.config(), "state": tok.state_dict()}
-    return {"name": args.vq, "ckpt": os.path.abspath(args.vq_ckpt)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling.
-
 class Progress:
     """`name: N/M unit, X unit/s, ETA ...` on stderr at most every `every` seconds and at the end. Rank 0
     counts its own share and scales it to all ranks' (the shards are equal to within one batch)."""
@@ -888,6 +1164,9 @@ class Progress:
             eta = "done" if finished else f"ETA {datetime.timedelta(seconds=round((self.total - done) / rate))}"
             print(f"{self.name}: {done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {eta}", file=sys.stderr, flush=True)
 
+
+# ----------------------------------------------------------------------------------------------
+# Appendix. Image outputs: grids, entropy maps, ADM sample batches.
 
 def save_grid(images, rows, path):
     """uint8 [N,3,H,W] -> one PNG, `rows` rows (one per class), 2-pixel gaps."""
@@ -922,118 +1201,8 @@ def write_adm_npz(path, shards, labels):
     os.replace(path + ".tmp", path)
 
 
-def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None,
-             precision="fp32"):
-    """Noise z0 [B,d,h,w] -> code indices [B,h,w] with the objective's sampler: Algorithm 2 and a
-    nearest-code quantization of z_1 for purr and CFM, discrete Euler jumps for DFM (which ignores z0).
-    bf16 runs the DiT in autocast; pi, mu, the ODE state and the tokenizer stay fp32."""
-    with torch.autocast(z0.device.type, torch.bfloat16, enabled=precision == "bf16"):
-        if objective == "dfm":
-            return sample_dfm(model, tok.codebook, y, z0[:, 0].shape, tau, cfg_scale, num_steps)
-        z1 = sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective, on_logits)
-    return tok.quantize(z1)
-
-
-def default_labels(classes, grid):
-    """Every class for a small label set or an FID batch; a grid of a large one shows 8 classes (ImageNet's:
-    DiT's sample classes, dog, otter, ...), evenly spread otherwise."""
-    if classes <= 16 or not grid:
-        return list(range(classes))
-    return [207, 360, 387, 974, 88, 979, 417, 279] if classes == 1000 else [i * (classes - 1) // 7 for i in range(8)]
-
-
-def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
-    """EMA model, tokenizer, args and step of a checkpoint."""
-    ckpt = load_checkpoint(ckpt_path)
-    a, spec = ckpt["args"], ckpt["vq"]
-    tok = vqlib.load_tokenizer("tiny", ckpt_path) if spec["name"] == "tiny" else \
-        vqlib.load_tokenizer(spec["name"], vq_ckpt or spec["ckpt"])
-    model = build_model(a)
-    model.load_state_dict(ckpt["ema"])
-    return model.eval().to(device), tok.to(device), a, ckpt["step"]
-
-
-def sample(args):
-    if args.tau <= 0:
-        raise PurrError(f"--tau {args.tau}: the softmax temperature must be > 0 (the paper uses 0.8-0.9)")
-    if args.num_steps < 1:
-        raise PurrError(f"--num-steps {args.num_steps}: need at least 1 integration step (default 100)")
-    if not args.out.endswith((".png", ".npz")):
-        raise PurrError(f"--out {args.out}: write a grid (.png) or an ADM sample batch (.npz)")
-    if args.fid_ref and not os.path.isfile(args.fid_ref):
-        raise PurrError(f"--fid-ref {args.fid_ref} not found; make it with 'python fid.py --save-stats VAL_DIR ref.npz'")
-    ckpt_path = args.ckpt or (checkpoint_paths(args.results_dir) or [None])[-1]
-    if ckpt_path is None:
-        raise PurrError(f"no checkpoint under {args.results_dir}/; train first ('python purr.py train') "
-                        "or pass --ckpt PATH")
-    rank, world, device = setup_distributed()
-    model, tok, a, step = load_sampler(ckpt_path, args.vq_ckpt, device)
-    classes, grid = a["num_classes"], args.out.endswith(".png")
-    labels = args.class_labels or default_labels(classes, grid)
-    if args.entropy_map and a["objective"] != "purr":
-        raise PurrError(f"--entropy-map shows the entropy of Purrception's posterior over codes; this "
-                        f"{a['objective']} checkpoint has none")
-    if not all(0 <= l < classes for l in labels):
-        raise PurrError(f"--class-labels must lie in [0, {classes - 1}]")
-    n = args.num_samples or 8 * len(labels)
-    # A grid has one row per label; a batch for FID cycles through the labels, so classes are balanced.
-    y = torch.tensor(labels).repeat_interleave(math.ceil(n / len(labels)))[:n] if grid else \
-        torch.tensor(labels)[torch.arange(n) % len(labels)]
-    size, d, mine = a["latent_size"], a["latent_channels"], range(rank * n // world, (rank + 1) * n // world)
-    net = torch.compile(model) if args.compile else model
-    if rank == 0:
-        print(f"purr sample: {n} images from {ckpt_path} on {world} process(es), {device}, {args.precision}",
-              file=sys.stderr, flush=True)
-    images, entropies, progress = [], [], Progress("sample", n, len(mine), "images")
-    for i in range(mine.start, mine.stop, args.batch_size):
-        idx = range(i, min(i + args.batch_size, mine.stop))
-        yb = y[idx.start:idx.stop].to(device)
-        # Each sample's noise comes from (seed, its index): the same images on any number of GPUs.
-        z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(args.seed * 10_000_019 + j))
-                          for j in idx]).to(device)
-        torch.manual_seed(args.seed * 10_000_019 + i)  # DFM's jumps
-        seen = []
-
-        def record(t, logits):  # the entropy of pi at the first evaluation with t >= --entropy-t
-            if not seen and t >= args.entropy_t:
-                seen.append(model.unpatchify(entropy(logits, args.tau)[..., None])[..., 0])
-        c = generate(net, tok, a["objective"], yb, z0, args.tau, args.cfg_scale, args.num_steps, args.method,
-                     record if args.entropy_map else None, args.precision)
-        entropies += seen
-        images.append(vqlib.to_uint8(tok.decode(c)).cpu())
-        if rank == 0:
-            progress.update(len(idx))
-    images = torch.cat(images) if images else torch.zeros(0, 3, size * tok.downsample, size * tok.downsample, dtype=torch.uint8)
-    shard = f"{args.out}.rank{rank}.npy"
-    np.save(shard, images.permute(0, 2, 3, 1).numpy())
-    if world > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        shards = [f"{args.out}.rank{r}.npy" for r in range(world)]
-        if grid:
-            save_grid(torch.from_numpy(np.concatenate([np.load(s) for s in shards])).permute(0, 3, 1, 2),
-                      len(labels), args.out)
-        else:
-            write_adm_npz(args.out, shards, y.numpy())
-        for s in shards:
-            os.remove(s)
-        recipe = (f"{n} samples from {ckpt_path} (EMA, step {step}, {a['objective']}), tau={args.tau} "
-                  f"cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
-        print(f"purr sample: {recipe} -> {args.out}", flush=True)
-        if args.entropy_map and entropies and world == 1:
-            emap = os.path.splitext(args.out)[0] + "_entropy.png"
-            save_grid(heat(torch.cat(entropies) / math.log(a["codebook_size"]), images.shape[-1]), len(labels), emap)
-            print(f"entropy of pi at t={args.entropy_t} (0 black .. log K white) -> {emap}")
-        if args.fid_ref:
-            ours, ref = fid.statistics(args.out), fid.statistics(args.fid_ref)
-            score = fid.frechet_distance(ours["mu"], ours["sigma"], ref["mu"], ref["sigma"])
-            print(f"FID {score:.3f} vs {args.fid_ref}: {recipe}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------------------------
-# Pre-extracted tokens and the throughput benchmark.
+# Appendix. `purr.py extract`: encode an image folder once.
 
 @torch.inference_mode()
 def extract(args):
@@ -1045,28 +1214,17 @@ def extract(args):
     if len(tok.codebook) > 65536:
         raise PurrError(f"{args.vq} has {len(tok.codebook)} codes: more than uint16 tokens can hold")
     h = args.image_size // tok.downsample
-    paths = {k: os.path.join(args.out, k + ".npy") for k in ("tokens", "labels", "done")}
-    if rank == 0 and not os.path.isfile(paths["done"]):
-        os.makedirs(args.out, exist_ok=True)
-        np.lib.format.open_memmap(paths["tokens"], "w+", np.uint16, (len(data), 2, h, h)).flush()
-        np.save(paths["labels"], data.labels.numpy())
-        json.dump({"vq": args.vq, "vq_ckpt": os.path.abspath(args.vq_ckpt), "image_size": args.image_size,
-                   "classes": data.classes}, open(os.path.join(args.out, "meta.json"), "w"), indent=1)
-        np.save(paths["done"], np.zeros(len(data), bool))
-    if world > 1:
-        torch.distributed.barrier()
-    tokens, done = np.load(paths["tokens"], mmap_mode="r+"), np.load(paths["done"], mmap_mode="r+")
-    labels = np.load(paths["labels"], mmap_mode="r+")
+    tokens, labels, done = token_folder(args, data, h, rank, world)
     todo = [(i, 0) for i in range(rank, len(data), world) if not done[i]]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=[todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)],
-                                         num_workers=args.num_workers, collate_fn=collate)
+    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate)
     # Each file is this rank's alone, so unreadable ones are reported and counted per rank, and a signal
     # stops each rank at its next batch boundary without waiting for the others.
     unreadable, progress = Unreadable(data, 1), Progress("extract", len(todo) * world, len(todo), "images")
     with stop_requests() as stop:
-        for (x, y, bad), start in zip(loader, range(0, len(todo), args.batch_size)):
+        for (x, y, bad), items in zip(loader, batches):
             unreadable.add(unreadable.fresh(bad), 0)
-            idx = [i for i, _ in todo[start:start + args.batch_size]]
+            idx = [i for i, _ in items]
             x = to_unit(x.to(device))
             c = torch.stack([tok.encode(x), tok.encode(x.flip(3))], 1)
             tokens[idx], labels[idx] = c.cpu().numpy().astype(np.uint16), y.numpy()  # a replaced file's label too
@@ -1088,14 +1246,31 @@ def extract(args):
               f"{len(unreadable.seen)} unreadable replaced on rank 0")
 
 
+def token_folder(args, data, h, rank, world):
+    """The memory-mapped tokens, labels and done flags of --out, created by rank 0 on the first run."""
+    paths = {k: os.path.join(args.out, k + ".npy") for k in ("tokens", "labels", "done")}
+    if rank == 0 and not os.path.isfile(paths["done"]):
+        os.makedirs(args.out, exist_ok=True)
+        np.lib.format.open_memmap(paths["tokens"], "w+", np.uint16, (len(data), 2, h, h)).flush()
+        np.save(paths["labels"], data.labels.numpy())
+        json.dump({"vq": args.vq, "vq_ckpt": os.path.abspath(args.vq_ckpt), "image_size": args.image_size,
+                   "classes": data.classes}, open(os.path.join(args.out, "meta.json"), "w"), indent=1)
+        np.save(paths["done"], np.zeros(len(data), bool))
+    if world > 1:
+        torch.distributed.barrier()
+    return [np.load(paths[k], mmap_mode="r+") for k in ("tokens", "labels", "done")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix. `purr.py bench`: speed and memory on random tokens of ImageNet's shape.
+
 # Peak dense bf16 and TF32 tensor throughput (TFLOP/s) of common GPUs, for the MFU that bench prints.
 PEAK_TFLOPS = {"A100": (312, 156), "H100": (989, 494), "H200": (989, 494), "B200": (2250, 1100)}
 
 
 def bench(args):
-    """Training: ms per step (forward + backward + AdamW) on random tokens of ImageNet's shape, with the
-    FLOP count and MFU. With --sample: sampling throughput with guidance (a 50k FID run's size). Both
-    report peak memory."""
+    """Training: ms per step (forward + backward + AdamW) with the FLOP count and MFU. With --sample:
+    sampling throughput with guidance (a 50k FID run's size). Both report peak memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     a = {"model": args.model, "objective": args.objective, "latent_size": args.latent_size,
@@ -1104,7 +1279,7 @@ def bench(args):
     model.grad_checkpoint = args.grad_checkpoint
     fast = torch.compile(model) if args.compile else model
     codebook = torch.randn(args.codebook_size, args.latent_channels, device=device)
-    B, s, sync = args.batch_size, args.latent_size, torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    B, s = args.batch_size, args.latent_size
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     head = (f"bench {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M) {args.objective} "
             f"K={args.codebook_size} latent {s}x{s}x{args.latent_channels} batch {B} {args.precision}"
@@ -1112,38 +1287,41 @@ def bench(args):
     if args.sample:
         y, z0 = torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device)
         tok = types.SimpleNamespace(codebook=codebook, quantize=lambda z: vqlib.nearest_code(z, codebook))
-        run = lambda n: generate(fast.eval(), tok, args.objective, y, z0, 1.0, args.cfg_scale, n, "euler", None, args.precision)
-        run(args.warmup)
-        sync()
-        t0 = time.perf_counter()
-        run(args.steps)
-        sync()
-        ms = 1000 * (time.perf_counter() - t0) / args.steps
+        ms = timed(device, args.warmup, args.steps, lambda n: generate(fast.eval(), tok, args.objective, y, z0, 1.0,
+                                                                        args.cfg_scale, n, "euler", None, args.precision))
         print(f"{head}, sampling with cfg {args.cfg_scale}: {ms:.1f} ms per network evaluation ({1000 / ms:.2f} NFE/s), "
               f"{1000 * B / ms / 100:.3f} images/s at 100 Euler steps, {peak_memory(device)}")
         return
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    batch = lambda: (torch.randint(0, args.codebook_size, (B, s, s), device=device),
-                     torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device),
-                     torch.rand(B, device=device), torch.rand(B, s, s, device=device))
+
+    def step(net):  # on a fresh random batch
+        batch = Batch(torch.randint(0, args.codebook_size, (B, s, s), device=device), torch.randint(0, 1000, (B,), device=device),
+                      torch.randn(B, args.latent_channels, s, s, device=device), torch.rand(B, device=device),
+                      torch.rand(B, s, s, device=device))
+        return train_step(net, opt, [batch], args.objective, codebook, 1e-5, autocast)
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:  # one untimed step of the eager model
-        train_step(model, opt, autocast, [batch()], args.objective, codebook, 1e-5)
-    times = []
-    for i in range(args.warmup + args.steps):
-        c, y, z0, t, u = batch()
-        sync()
-        t0 = time.perf_counter()
-        train_step(fast, opt, autocast, [(c, y, z0, t, u)], args.objective, codebook, 1e-5)
-        sync()
-        times.append(time.perf_counter() - t0)
-    ms = 1000 * float(np.median(times[args.warmup:]))
+        step(model)
+    ms = timed(device, args.warmup, args.steps, lambda n: [step(fast) for _ in range(n)], per_call=True)
     tflops = counter.get_total_flops() / ms / 1e9
     peak = next((p[args.precision == "fp32"] for name, p in PEAK_TFLOPS.items() if name in where), None)
-    mfu = f", MFU {100 * tflops / peak:.1f}%" if peak else ""
     print(f"{head}: {ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {counter.get_total_flops() / 1e12:.3g} TFLOP/step, "
-          f"{tflops:.3g} TFLOP/s{mfu}, {peak_memory(device)}")
+          f"{tflops:.3g} TFLOP/s{f', MFU {100 * tflops / peak:.1f}%' if peak else ''}, {peak_memory(device)}")
+
+
+def timed(device, warmup, n, run, per_call=False):
+    """Milliseconds per unit of run(n) after run(warmup): the median of n single calls with per_call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    run(warmup)
+    times = []
+    for k in [1] * n if per_call else [n]:
+        sync()
+        t0 = time.perf_counter()
+        run(k)
+        sync()
+        times.append((time.perf_counter() - t0) / k)
+    return 1000 * float(np.median(times))
 
 
 def peak_memory(device):
@@ -1154,21 +1332,7 @@ def peak_memory(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line.
-
-# (demo value, value with --data). The paper's recipe (App. C) for --data runs; the built-in demo is a small
-# model trained briefly, at a higher lr and with a short EMA (half-life ~70 steps), since 1,500 steps are too
-# few for the paper's 1e-4 and 0.9999. On resume, a flag not given takes the checkpoint's value.
-TRAIN_DEFAULTS = {"model": ("T/2", "S/2"), "steps": (1500, 400_000), "global_batch_size": (64, 256),
-                  "lr": (2e-3, 1e-4), "ema_decay": (0.99, 0.9999), "log_every": (100, 100),
-                  "ckpt_every": (500, 50_000), "objective": ("purr", "purr"), "z_loss": (1e-5, 1e-5),
-                  "class_dropout": (0.1, 0.1), "seed": (0, 0), "precision": (default_precision(),) * 2,
-                  "num_workers": (0, 8), "keep": (0, 0), "grad_accum": (1, 1), "micro_batch_size": (0, 0),
-                  "grad_checkpoint": (False, False), "compile": (False, False)}
-# What a resumed run may change: schedule, logging, disk, and how the same global batch is computed.
-RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "ckpt_every", "num_workers", "keep", "precision", "grad_accum",
-                     "micro_batch_size", "grad_checkpoint", "compile")
-
+# Appendix. The command line.
 
 def default_help(k, text=""):
     demo, data = TRAIN_DEFAULTS[k]
@@ -1192,7 +1356,9 @@ def parser():
         "micro_batch_size", "images per micro-batch (another way to give --grad-accum; 0: one micro-batch)"))
     t.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="recompute the DiT blocks' activations in the backward pass (less memory, ~1/3 more compute)")
-    t.add_argument("--lr", type=float, help=default_help("lr"))
+    t.add_argument("--lr", type=float, help=default_help("lr", "peak learning rate"))
+    t.add_argument("--warmup", type=int, help=default_help("warmup", "steps of linear lr warm-up"))
+    t.add_argument("--decay", type=float, help=default_help("decay", "last fraction of the steps, lr decaying linearly to 0"))
     t.add_argument("--ema-decay", type=float, help=default_help("ema_decay"))
     t.add_argument("--objective", choices=OBJECTIVES,
                    help=default_help("objective", "purr (Eq. 14) or a baseline of Sec. 4.1: cfm, cfm-endpoint, dfm"))
@@ -1215,6 +1381,9 @@ def parser():
     s.add_argument("--results-dir", default="results")
     s.add_argument("--vq-ckpt", help="tokenizer file, if it moved since training")
     s.add_argument("--tau", type=float, default=0.8, help="softmax temperature (Eq. 15); the paper uses 0.8-0.9")
+    s.add_argument("--tau-schedule", default="constant", choices=["constant", "linear"],
+                   help="linear: tau(t) from --tau at t = 0 to --tau-end at t = 1")
+    s.add_argument("--tau-end", type=float, help="tau at t = 1 of --tau-schedule linear")
     s.add_argument("--cfg-scale", type=float, default=1.0)
     s.add_argument("--num-steps", type=int, default=100)
     s.add_argument("--method", default="euler", choices=["euler", "midpoint", "rk4", "dopri5"])

@@ -4,6 +4,7 @@ run on the official-layout files of $PURR_FIXTURES (default ../shared/fixtures) 
 import argparse
 import contextlib
 import copy
+import csv
 import functools
 import hashlib
 import json
@@ -53,6 +54,45 @@ def small_dit(K=16, d=4, size=4, patch=1, seed=0):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
+
+
+def tiny_dit(K=16, seed=0):
+    """small_dit's kind of DiT (perturbed zero-init layers, 3 classes, latent 4x4x4), two blocks of width 64."""
+    torch.manual_seed(seed)
+    model = purr.DiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=3,
+                     codebook_size=K)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def fast_demo_train(root, *flags):
+    """train_cli on 100 demo images with a 16-code tiny tokenizer (fitted in 2 iterations, not 25)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vqlib, "fit_tiny", functools.partial(vqlib.fit_tiny, codebook_size=16, iters=2))
+        return train_cli(root, "--demo-size", "100", "--global-batch-size", "8", *flags)
+
+
+def train_cli(root, *args):
+    a = purr.parser().parse_args(["train", "--results-dir", str(root), "--num-workers", "0", *args])
+    return a.func(a)
+
+
+def torchrun(nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(HERE, "purr.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def glob_one(root, name):
+    (path,) = Path(root).rglob(name)
+    return path
+
+
+def final_state(root):
+    return torch.load(purr.checkpoint_paths(str(root))[-1], weights_only=True)
 
 
 # --- DiT ------------------------------------------------------------------------------------------
@@ -117,17 +157,17 @@ def test_loss_equals_hand_computed_cross_entropy_and_z_loss():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_chunked_loss_gradient_equals_autograd_of_the_formula(dtype):
+def test_training_loss_equals_the_formula_in_value_and_gradient(dtype):
     torch.manual_seed(0)
     logits = (3 * torch.randn(2, 3, 5, 37, dtype=torch.float64)).to(dtype).requires_grad_()
     c = torch.randint(0, 37, (2, 3, 5))
     ce, zl = purr.purr_loss(logits, c, z_weight=0.1, chunk=7)  # chunks that do not divide N = 30
     (ce + 2 * zl).backward()
     ref = logits.detach().double().requires_grad_()
-    lse = torch.logsumexp(ref, -1)
-    (F.cross_entropy(ref.reshape(-1, 37), c.reshape(-1)) + 2 * 0.1 * lse.pow(2).mean()).backward()
+    ce_ref, zl_ref = purr.purr_loss_formula(ref.double(), c, 0.1)
+    (ce_ref + 2 * zl_ref).backward()
     tol = 1e-10 if dtype == torch.float64 else 2e-2
-    assert abs(ce.item() - F.cross_entropy(ref.reshape(-1, 37), c.reshape(-1)).item()) < max(tol, 1e-6)
+    assert abs(ce.item() - ce_ref.item()) < max(tol, 1e-6) and abs(zl.item() - zl_ref.item()) < max(tol, 1e-6)
     assert torch.allclose(logits.grad.double(), ref.grad, atol=tol * ref.grad.abs().max().item())
 
 
@@ -163,11 +203,34 @@ def algorithm2(model, codebook, y, z, tau, T):
 
 
 @pytest.mark.parametrize("T", [1, 2, 5])
-def test_euler_sampler_through_torchdiffeq_equals_algorithm2(T):
+def test_euler_sampler_is_algorithm2(T):
     model, codebook = small_dit(), torch.randn(16, 4)
     y, z0 = torch.tensor([0, 1]), torch.randn(2, 4, 4, 4)
     got = purr.sample_latents(model, codebook, y, z0, tau=0.7, num_steps=T, method="euler")
     assert torch.allclose(got, algorithm2(model, codebook, y, z0, 0.7, T), atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_torchdiffeq_euler_equals_the_euler_loop(T):
+    model, codebook = small_dit(), torch.randn(16, 4)
+    y, z0 = torch.tensor([0, 1]), torch.randn(2, 4, 4, 4)
+    v = purr.purr_velocity(model, codebook, y, 0.7, 1.0)
+    assert torch.allclose(purr.integrate(v, z0, T, "euler"), purr.algorithm2(v, z0, T), atol=1e-5)
+
+
+def test_linear_tau_schedule_tempers_each_step_with_tau_of_t():
+    model, codebook, T = small_dit(), torch.randn(16, 4), 4
+    y, z0 = torch.tensor([0, 1]), torch.randn(2, 4, 4, 4)
+    tau = purr.tau_schedule("linear", 0.5, 1.5)
+    assert [tau(t) for t in (0, 0.5, 1)] == [0.5, 1.0, 1.5] and purr.tau_schedule("constant", 0.8) == 0.8
+    z = z0
+    for s in range(T):  # Algorithm 2 with tau(s/T) in Eq. 15
+        t = s / T
+        pi = torch.softmax(model(z, torch.full((2,), t), y) / (0.5 + t), -1)
+        z = z + ((pi @ codebook).permute(0, 3, 1, 2) - z) / (1 - t) / T
+    got = purr.sample_latents(model, codebook, y, z0, tau=tau, num_steps=T)
+    assert torch.allclose(got, z, atol=1e-5)
+    assert not torch.allclose(got, purr.sample_latents(model, codebook, y, z0, tau=0.5, num_steps=T), atol=1e-3)
 
 
 def test_last_euler_step_lands_on_mu():
@@ -230,6 +293,7 @@ def test_global_batch_plan_is_a_permutation_per_epoch():
     assert torch.equal(purr.global_batch_plan(10, 1, 5, 1)[0], purr.global_batch_plan(10, 1, 5, 1)[0])
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_short_demo_training_lowers_the_loss_and_samples(tmp_path):
     args = purr.parser().parse_args(["train", "--steps", "150", "--demo-size", "2000", "--log-every", "25",
                                      "--results-dir", str(tmp_path), "--global-batch-size", "32"])
@@ -270,12 +334,12 @@ def test_each_objective_loss_equals_its_formula():
     out = torch.randn(1, 2, 2, 2)
     for objective, target in (("cfm", z1 - z0), ("cfm-endpoint", z1)):
         net = Fixed(out)
-        losses = purr.training_losses(net, objective, c, y, z0, t, u, codebook, 1e-5)
+        losses = purr.training_losses(net, objective, purr.Batch(c, y, z0, t, u), codebook, 1e-5)
         assert torch.allclose(losses["loss"], ((out.permute(0, 3, 1, 2) - target) ** 2).mean())
         assert torch.allclose(net.inputs[0][0], 0.3 * z1 + 0.7 * z0)  # the same interpolant as Purrception
     logits = torch.randn(1, 2, 2, 6)
     net = Fixed(logits)
-    losses = purr.training_losses(net, "dfm", c, y, z0, t, u, codebook, 1e-5)
+    losses = purr.training_losses(net, "dfm", purr.Batch(c, y, z0, t, u), codebook, 1e-5)
     assert torch.allclose(losses["loss"], F.cross_entropy(logits.reshape(-1, 6), c.reshape(-1)))
     # kappa(0.3) = 0.027: positions with u < 0.973 are MASK (zero vector, indicator 1); u = 0.99 keeps c = 5
     x = net.inputs[0][0]
@@ -308,7 +372,7 @@ def test_baseline_samplers_first_steps_by_hand():
 
 
 def test_dfm_path_and_jump_rate_match_flow_matching():
-    fm = pytest.importorskip("flow_matching", reason="flow-matching (test-only, requirements-test.txt) not installed")
+    pytest.importorskip("flow_matching", reason="flow-matching (test-only, requirements-test.txt) not installed")
     from flow_matching.path import MixtureDiscreteProbPath
     from flow_matching.path.scheduler import PolynomialConvexScheduler
     K, c, t = 16, torch.randint(0, 16, (4, 5, 5)), torch.rand(4)
@@ -321,6 +385,7 @@ def test_dfm_path_and_jump_rate_match_flow_matching():
     assert torch.allclose(purr.dfm_rate(torch.tensor([0.1, 0.5, 0.9])), s.d_alpha_t / (1 - s.alpha_t))
 
 
+@pytest.mark.slow  # trains or starts torchrun
 @pytest.mark.parametrize("objective", purr.OBJECTIVES)
 def test_short_run_of_each_objective_lowers_its_loss(objective, tmp_path):
     run = train_cli(tmp_path, "--objective", objective, "--steps", "80", "--demo-size", "1000", "--log-every", "20",
@@ -350,27 +415,7 @@ def test_demo_metric_scores_real_images_well_and_degraded_ones_badly(tmp_path):
 
 # --- Scale out: DDP, exact resume, tokens, bench ---------------------------------------------------------------
 
-def train_cli(root, *args):
-    a = purr.parser().parse_args(["train", "--results-dir", str(root), "--num-workers", "0", *args])
-    return a.func(a)
-
-
-def torchrun(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(HERE, "purr.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def glob_one(root, name):
-    (path,) = Path(root).rglob(name)
-    return path
-
-
-def final_state(root):
-    return torch.load(purr.checkpoint_paths(str(root))[-1], weights_only=True)
-
-
+@pytest.mark.slow  # trains or starts torchrun
 def test_two_processes_give_the_same_update_as_one(tmp_path):
     common = ["train", "--steps", "3", "--global-batch-size", "8", "--demo-size", "200", "--log-every", "1"]
     torchrun(2, *common, "--results-dir", str(tmp_path / "two"))
@@ -383,6 +428,7 @@ def test_two_processes_give_the_same_update_as_one(tmp_path):
     assert not torch.allclose(one["model"]["final_layer.linear.weight"], start["final_layer.linear.weight"])
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_resume_is_exact(tmp_path):
     common = ["--global-batch-size", "8", "--demo-size", "200", "--ckpt-every", "2"]
     train_cli(tmp_path / "straight", "--steps", "4", *common)
@@ -396,6 +442,7 @@ def test_resume_is_exact(tmp_path):
                for i in a["opt"]["state"])
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_truncated_checkpoint_is_a_clear_error_and_the_previous_survives(tmp_path):
     run = train_cli(tmp_path, "--steps", "2", "--ckpt-every", "1", "--global-batch-size", "4", "--demo-size", "200")
     first, last = (os.path.join(run, "checkpoints", f"000000{i}.pt") for i in (1, 2))
@@ -422,6 +469,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_sigterm_saves_exits_0_and_resume_equals_no_interruption(tmp_path):
     common = ["--global-batch-size", "8", "--demo-size", "200", "--ckpt-every", "1000", "--log-every", "1",
               "--num-workers", "0"]
@@ -444,6 +492,7 @@ def test_sigterm_saves_exits_0_and_resume_equals_no_interruption(tmp_path):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_non_finite_loss_stops_with_one_line_and_no_bad_checkpoint(tmp_path):
     proc = run_cli("train", "--steps", "30", "--ckpt-every", "1", "--lr", "1e12", "--global-batch-size", "8",
                    "--demo-size", "200", "--results-dir", str(tmp_path))
@@ -453,12 +502,14 @@ def test_non_finite_loss_stops_with_one_line_and_no_bad_checkpoint(tmp_path):
     assert os.path.basename(saved[-1]) in proc.stderr
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_keep_leaves_the_newest_checkpoints(tmp_path):
     run = train_cli(tmp_path, "--steps", "4", "--ckpt-every", "1", "--keep", "2", "--global-batch-size", "4",
                     "--demo-size", "200")
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000003.pt", "0000004.pt"]
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_save_into_a_full_disk_is_one_line_and_keeps_the_previous(tmp_path):
     run = train_cli(tmp_path, "--steps", "1", "--global-batch-size", "4", "--demo-size", "200")
     first = os.path.join(run, "checkpoints", "0000001.pt")
@@ -468,6 +519,7 @@ def test_save_into_a_full_disk_is_one_line_and_keeps_the_previous(tmp_path):
     assert purr.load_checkpoint(first)["step"] == 1 and not os.path.lexists(first.replace("1.pt", "2.pt.tmp"))
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_resume_with_a_new_lr_trains_at_it(tmp_path):
     common = ["--global-batch-size", "4", "--demo-size", "200", "--lr", "1e-3"]
     train_cli(tmp_path, "--steps", "1", *common)
@@ -480,6 +532,7 @@ def test_resume_with_a_new_lr_trains_at_it(tmp_path):
     assert final_state(tmp_path)["opt"]["param_groups"][0]["lr"] == 1e-5
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_global_batch_that_does_not_split_is_one_line(tmp_path):
     assert_one_line_error(run_cli("train", "--global-batch-size", "10", "--grad-accum", "4", "--results-dir",
                                   str(tmp_path)), "--global-batch-size 10", "10 per process", "4 equal micro-batches")
@@ -489,13 +542,13 @@ def test_global_batch_that_does_not_split_is_one_line(tmp_path):
 
 def test_grad_checkpoint_gives_the_same_loss_and_gradients():
     model, K = small_dit(K=32, d=4, size=4, patch=2), 32
-    batch = (torch.randint(0, K, (2, 4, 4)), torch.tensor([0, 1]), torch.randn(2, 4, 4, 4), torch.rand(2), None,
-             torch.randn(K, 4), 1e-5)
+    batch = purr.Batch(torch.randint(0, K, (2, 4, 4)), torch.tensor([0, 1]), torch.randn(2, 4, 4, 4), torch.rand(2), None)
+    codebook = torch.randn(K, 4)
     results = []
     for checkpointing in (False, True):
         model.zero_grad()
         model.grad_checkpoint = checkpointing
-        loss = purr.training_losses(model, "purr", *batch)["loss"]
+        loss = purr.training_losses(model, "purr", batch, codebook, 1e-5)["loss"]
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     assert results[0][0] == results[1][0]
@@ -518,6 +571,7 @@ def damaged_folder(root):
     return ["circle/truncated.JPEG", "square/empty.jpg"]
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_unreadable_images_are_named_once_replaced_and_runs_agree(image_folder, tmp_path):
     bad = damaged_folder(tmp_path / "data")
     tiny = str(image_folder / "tiny.pt")
@@ -538,6 +592,7 @@ def test_unreadable_images_are_named_once_replaced_and_runs_agree(image_folder, 
     assert np.load(tmp_path / "tok" / "done.npy").all()
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_too_many_unreadable_images_stop_with_one_line(image_folder, tmp_path):
     damaged_folder(tmp_path / "data")
     for i in range(5):
@@ -550,6 +605,7 @@ def test_too_many_unreadable_images_stop_with_one_line(image_folder, tmp_path):
     assert last.startswith("purr train: error: 7 unreadable images") and "more than 5" in last and "broken0.png" in last
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_three_splits_of_the_global_batch_give_the_same_weights(tmp_path):
     common = ["train", "--steps", "3", "--global-batch-size", "8", "--demo-size", "200", "--log-every", "1",
               "--num-workers", "0"]
@@ -565,6 +621,7 @@ def test_three_splits_of_the_global_batch_give_the_same_weights(tmp_path):
     assert not torch.allclose(ref["model"]["final_layer.linear.weight"], start["final_layer.linear.weight"])
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_extract_tokens_equal_direct_encoding_and_train_the_same(image_folder, tmp_path):
     data, tiny = str(image_folder / "data"), str(image_folder / "tiny.pt")
     purr.main(["extract", "--data", data, "--vq", "tiny", "--vq-ckpt", tiny, "--out", str(tmp_path / "tok"),
@@ -585,6 +642,7 @@ def test_extract_tokens_equal_direct_encoding_and_train_the_same(image_folder, t
     assert first[0] == pytest.approx(first[1], rel=1e-6)
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_interrupted_extract_resumes_and_incomplete_tokens_are_refused(image_folder, tmp_path):
     args = ["extract", "--data", str(image_folder / "data"), "--vq", "tiny", "--vq-ckpt", str(image_folder / "tiny.pt"),
             "--out", str(tmp_path / "tok"), "--image-size", "32", "--batch-size", "16", "--num-workers", "0"]
@@ -626,7 +684,7 @@ def test_bf16_training_step_matches_fp32():
     for precision in ("fp32", "bf16"):
         model.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-            losses[precision] = purr.training_losses(model, "purr", c, y, z0, t, None, codebook, 1e-5)["loss"]
+            losses[precision] = purr.training_losses(model, "purr", purr.Batch(c, y, z0, t, None), codebook, 1e-5)["loss"]
         losses[precision].backward()
         grads[precision] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert abs(losses["bf16"].item() / losses["fp32"].item() - 1) < 0.01
@@ -638,10 +696,10 @@ def test_bf16_training_step_matches_fp32():
 def test_compiled_training_step_equals_eager():
     model, K = small_dit(K=32, d=4, size=4, patch=2), 32
     codebook, c = torch.randn(K, 4), torch.randint(0, K, (2, 4, 4))
-    batch = (c, torch.tensor([0, 1]), torch.randn(2, 4, 4, 4), torch.rand(2), None, codebook, 1e-5)
+    batch = purr.Batch(c, torch.tensor([0, 1]), torch.randn(2, 4, 4, 4), torch.rand(2), None)
     results = []
     for net in (model, torch.compile(copy.deepcopy(model))):
-        loss = purr.training_losses(net, "purr", *batch)["loss"]
+        loss = purr.training_losses(net, "purr", batch, codebook, 1e-5)["loss"]
         loss.backward()
         results.append((loss.item(), [p.grad for p in net.parameters() if p.requires_grad]))
     (l_eager, g_eager), (l_comp, g_comp) = results
@@ -674,6 +732,7 @@ def test_guided_bf16_sampling_keeps_one_K_wide_tensor_and_fp32_state(monkeypatch
     assert torch.allclose(z, z32, atol=0.05 * z32.abs().max().item())
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_sampling_across_ranks_writes_one_balanced_adm_batch(tiny_ckpt, tmp_path, capsys):
     common = ["sample", "--ckpt", tiny_ckpt, "--num-steps", "3", "--num-samples", "13", "--batch-size", "4"]
     torchrun(2, *common, "--out", str(tmp_path / "two.npz"))
@@ -686,6 +745,7 @@ def test_sampling_across_ranks_writes_one_balanced_adm_batch(tiny_ckpt, tmp_path
     assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]  # the rank shards are gone
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_entropy_map_is_written_beside_the_samples(tiny_ckpt, tmp_path):
     purr.main(["sample", "--ckpt", tiny_ckpt, "--num-steps", "4", "--num-samples", "20", "--entropy-map",
                "--out", str(tmp_path / "s.png")])
@@ -720,6 +780,7 @@ def test_entropy_map_is_refused_without_a_posterior_over_codes(tmp_path):
     assert_one_line_error(run_cli("sample", "--ckpt", ckpt, "--entropy-map"), "--entropy-map", "cfm-endpoint")
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_bad_sample_arguments_give_one_line_errors(tiny_ckpt, tmp_path):
     assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--tau", "0"), "--tau")
     assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--num-steps", "0"), "--num-steps")
@@ -727,6 +788,7 @@ def test_bad_sample_arguments_give_one_line_errors(tiny_ckpt, tmp_path):
     assert_one_line_error(run_cli("sample", "--results-dir", str(tmp_path / "empty")), "no checkpoint")
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_bad_train_arguments_give_one_line_errors(tmp_path):
     assert_one_line_error(run_cli("train", "--model", "Q/3"), "unknown --model Q/3", "XL/2")
     assert_one_line_error(run_cli("train", "--data", str(tmp_path / "missing"), "--vq", "tiny",
@@ -739,24 +801,6 @@ def test_bad_train_arguments_give_one_line_errors(tmp_path):
 # --- Properties the mutation script checks ---------------------------------------------------------------
 # tools/mutate.py plants plausible one-line bugs and runs the tests meant to notice each; these check, directly,
 # properties that the end-to-end tests above only exercise.
-
-def tiny_dit(K=16, seed=0):
-    """small_dit's kind of DiT (perturbed zero-init layers, 3 classes, latent 4x4x4), two blocks of width 64."""
-    torch.manual_seed(seed)
-    model = purr.DiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=3,
-                     codebook_size=K)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def fast_demo_train(root, *flags):
-    """train_cli on 100 demo images with a 16-code tiny tokenizer (fitted in 2 iterations, not 25)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vqlib, "fit_tiny", functools.partial(vqlib.fit_tiny, codebook_size=16, iters=2))
-        return train_cli(root, "--demo-size", "100", "--global-batch-size", "8", *flags)
-
 
 def test_ema_update_moves_by_one_minus_decay():
     ema, model = tiny_dit(seed=0), tiny_dit(seed=1)
@@ -773,11 +817,11 @@ def interrupted_run(tmp_path_factory):
     root, seen, start = tmp_path_factory.mktemp("interrupted"), [], []
     real_step, real_build = purr.train_step, purr.build_model
 
-    def spy(model, opt, autocast, micro, *rest):
-        seen.append([[v.clone() if torch.is_tensor(v) else v for v in b] for b in micro])
+    def spy(model, opt, micro, *rest):
+        seen.append([purr.Batch(*(v.clone() if torch.is_tensor(v) else v for v in b)) for b in micro])
         if len(seen) == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(model, opt, autocast, micro, *rest)
+        return real_step(model, opt, micro, *rest)
 
     def build(a):
         model = real_build(a)
@@ -792,19 +836,22 @@ def interrupted_run(tmp_path_factory):
     return run, seen, start[0], out.getvalue()
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_class_dropout_1_gives_the_model_only_the_null_class(interrupted_run):
     seen = interrupted_run[1]
-    assert len(seen) == 1 and torch.equal(torch.cat([b[1] for b in seen[0]]), torch.full((8,), 10))  # 10 classes
+    assert len(seen) == 1 and torch.equal(torch.cat([b.y for b in seen[0]]), torch.full((8,), 10))  # 10 classes
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_class_dropout_0_gives_the_model_the_true_labels(tmp_path, monkeypatch):
     seen, real = [], purr.train_step
-    monkeypatch.setattr(purr, "train_step", lambda m, o, a, micro, *r: seen.append(micro) or real(m, o, a, micro, *r))
+    monkeypatch.setattr(purr, "train_step", lambda m, o, micro, *r: seen.append(micro) or real(m, o, micro, *r))
     fast_demo_train(tmp_path, "--steps", "1", "--class-dropout", "0")
     idx, _ = purr.global_batch_plan(100, 0, 8, 0)
-    assert torch.equal(torch.cat([b[1] for b in seen[0]]), idx % 10)  # demo labels: index mod 10
+    assert torch.equal(torch.cat([b.y for b in seen[0]]), idx % 10)  # demo labels: index mod 10
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_train_ema_after_one_step_is_decay_times_start_plus_the_rest(interrupted_run):
     run, _, start, _ = interrupted_run
     ckpt = purr.load_checkpoint(os.path.join(run, "checkpoints", "0000001.pt"))
@@ -813,6 +860,7 @@ def test_train_ema_after_one_step_is_decay_times_start_plus_the_rest(interrupted
     assert not torch.equal(ckpt["model"]["final_layer.linear.weight"], start["final_layer.linear.weight"])
 
 
+@pytest.mark.slow  # trains or starts torchrun
 def test_signal_in_train_finishes_the_step_saves_and_stops(interrupted_run):
     run, seen, _, out = interrupted_run
     assert len(seen) == 1 and os.listdir(os.path.join(run, "checkpoints")) == ["0000001.pt"]
@@ -861,7 +909,7 @@ def test_purr_training_loss_is_cross_entropy_plus_z_loss_at_the_interpolant():
     z0, t, y = torch.randn(1, 2, 2, 2), torch.tensor([0.3]), torch.tensor([0])
     logits = 3 * torch.randn(1, 2, 2, 6)
     net = Fixed(logits)
-    losses = purr.training_losses(net, "purr", c, y, z0, t, None, codebook, 0.1)
+    losses = purr.training_losses(net, "purr", purr.Batch(c, y, z0, t, None), codebook, 0.1)
     ce = F.cross_entropy(logits.reshape(-1, 6), c.reshape(-1))
     zl = 0.1 * torch.logsumexp(logits.reshape(-1, 6), 1).pow(2).mean()
     assert torch.allclose(losses["ce"], ce) and torch.allclose(losses["zloss"], zl)
@@ -901,10 +949,10 @@ def test_train_step_accumulates_the_full_batch_gradient():
     z0, t = torch.randn(6, 4, 4, 4), torch.rand(6)
     whole, split = tiny_dit(K=K), NoSync(tiny_dit(K=K))
     results = []
-    for net, micro in ((whole, [(c, y, z0, t, None)]), (split, list(zip(c.chunk(3), y.chunk(3), z0.chunk(3), t.chunk(3),
-                                                                                [None] * 3)))):
+    thirds = [purr.Batch(*b, None) for b in zip(c.chunk(3), y.chunk(3), z0.chunk(3), t.chunk(3))]
+    for net, micro in ((whole, [purr.Batch(c, y, z0, t, None)]), (split, thirds)):
         opt = torch.optim.SGD(net.parameters(), lr=1.0)
-        results.append(purr.train_step(net, opt, contextlib.nullcontext(), micro, "purr", codebook, 1e-2))
+        results.append(purr.train_step(net, opt, micro, "purr", codebook, 1e-2, contextlib.nullcontext()))
     for a, b in zip(whole.parameters(), split.module.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
     assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
@@ -954,7 +1002,7 @@ def test_center_crop_equals_adms_center_crop_arr():
     x = ((smooth_images(1, 64)[0] + torch.rand(3, 64, 64) * 0.3).permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5
     im = Image.fromarray(x.round().byte().numpy()).resize((150, 97))
     for size in (40, 64):  # with and without halving first
-        assert np.array_equal(fid.center_crop(im, size), adm(im, size))
+        assert np.array_equal(purr.center_crop(im, size), adm(im, size))
 
 
 # --- vq.py: the official tokenizers against the original code's outputs (random weights, ch = 32) ----------
@@ -1306,9 +1354,9 @@ def test_center_crop_converts_to_rgb_before_resizing():
     """ADM converts to RGB first: a palette image resized as it is would be resized nearest-neighbour."""
     x = (smooth_images(1, 64)[0].permute(1, 2, 0) + 1) * 127.5
     palette = Image.fromarray(x.round().byte().numpy()).resize((96, 64)).quantize(64)  # 'P', 96x64
-    out = fid.center_crop(palette, 40)
+    out = purr.center_crop(palette, 40)
     assert out.shape == (40, 40, 3) and out.dtype == np.uint8
-    assert np.array_equal(out, fid.center_crop(palette.convert("RGB"), 40))
+    assert np.array_equal(out, purr.center_crop(palette.convert("RGB"), 40))
 
 
 def test_fid_cli_empty_folder_errors_cleanly(tmp_path):
@@ -1357,3 +1405,25 @@ def test_fid_cli_folders_npz_and_saved_stats_agree(official, tmp_path, capsys, m
         assert s["mu"].shape == (2048,) and s["sigma"].shape == (2048, 2048) and int(s["num_images"]) == 3
     via_stats = float(fid_cli(capsys, a, tmp_path / "b_stats.npz", "--inception", weights))
     assert direct > 1 and direct == pytest.approx(via_stats, rel=1e-6)
+
+
+# --- benchmarks/miniature.py ------------------------------------------------------------------------------
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_miniature_runs_end_to_end(tmp_path):
+    """The miniature's every part on a tiny configuration, so the script cannot rot: its tables and plots."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import miniature
+    out = tmp_path / "out"
+    miniature.main(["--smoke", "--seeds", "0", "1", "--steps", "4", "--eval-every", "2", "--work", str(tmp_path / "runs"),
+                    "--out", str(out), "--classifier", str(tmp_path / "clf.pt")])
+    tables = {name: list(csv.DictReader(open(out / f"miniature_{name}.csv")))
+              for name in ("convergence", "steps", "guidance", "temperature", "tau_schedule")}
+    conv = [r for r in tables["convergence"] if r["seed"]]
+    assert {(r["seed"], r["objective"], r["step"]) for r in conv} == {
+        (str(s), o, str(k)) for s in (0, 1) for o in purr.OBJECTIVES for k in (2, 4)}
+    assert {r["num_steps"] for r in tables["steps"] if r["method"] == "euler"} == {"2", "4"}
+    assert {r["train_steps"] for r in tables["temperature"]} == {"4", "8"}
+    assert all(float(r["fd"]) > 0 for t in tables.values() for r in t)
+    for name in ("convergence", "steps", "guidance", "temperature", "tau_grid"):
+        assert Image.open(out / f"miniature_{name}.png").size[0] > 100

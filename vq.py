@@ -28,8 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fid
-
 
 class TokenizerError(ValueError):
     """A tokenizer file that is missing or is not the one asked for; the message is one line."""
@@ -471,8 +469,10 @@ def _load_tiny(path, overrides):
 def load_image(path, size):
     """ADM's center crop to size x size (the same as training's), as a [1,3,size,size] tensor in [-1, 1]."""
     from PIL import Image
+
+    from purr import center_crop  # the training crop lives with purr's data code, which imports this module
     with Image.open(path) as im:
-        x = torch.from_numpy(fid.center_crop(im, size).astype(np.float32)).permute(2, 0, 1)[None]
+        x = torch.from_numpy(center_crop(im, size).astype(np.float32)).permute(2, 0, 1)[None]
     return x / 127.5 - 1
 
 

@@ -1,16 +1,21 @@
-"""The paper's experiments in miniature, on the built-in demo data (about 40 min on 2 CPU cores):
+"""The paper's experiments in miniature, on the built-in demo data, with error bars over seeds:
 
-  Fig. 3  the four objectives (purr, cfm, cfm-endpoint, dfm), same T/2 DiT, data, seed and steps;
-          quality (demo FD, class accuracy; benchmarks/demo_metric.py) at several checkpoints.
-  Fig. 5  the sampling temperature tau from 0.1 to 1.5 on the final Purrception model.
-  Fig. 4  one grid across tau: same noise, same labels, one row per tau.
+  convergence (Fig. 3)  purr, cfm, cfm-endpoint and dfm, each trained with the demo's recipe from every seed
+                        (one tokenizer per seed, shared by the objectives); demo FD and class accuracy
+                        (benchmarks/demo_metric.py) at every checkpoint, mean and spread over seeds.
+  steps                 the final purr, cfm and dfm checkpoints sampled with 4..100 Euler steps (purr also
+                        with the midpoint rule at equal network evaluations); seconds per 100 samples.
+  guidance              purr at CFG scales 1..3, tau at its best.
+  temperature (Fig. 5)  the tau sweep at 1x, 2x and 4x the demo's steps (seed 0's purr run, resumed).
+  tau schedule          linear tau(t) (`purr.py sample --tau-schedule linear`) against the best constant tau.
+  tau grid (Fig. 4)     the same noise and labels across tau.
 
-    python benchmarks/miniature.py            # -> benchmarks/results/miniature_*.{csv,png}
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/miniature.py --seeds 0 1 2   # -> benchmarks/results/miniature_*.{csv,png}
+    python benchmarks/miniature.py --quick         # a smoke run of every part, < 10 min
 
-Everything is trained with `purr.train` exactly as `python purr.py train --objective X` trains the
-demo (its defaults: T/2, batch 64, lr 2e-3, EMA 0.99, 1,500 steps). Sampling: Euler, no guidance;
-tau 0.9 for purr (the paper's Fig. 3 setting) and 1.0 for DFM, whose x_1 draws are the model's own
-distribution.
+Samples: Euler, 32 steps (the steps sweep aside), 500 per point, tau 0.9 for purr's convergence (the paper's
+Fig. 3 setting) and 1.0 for DFM, whose x_1 draws are the model's own distribution.
 """
 import argparse
 import csv
@@ -20,141 +25,286 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import purr  # noqa: E402
 import vq as vqlib  # noqa: E402
 from demo_metric import HELD_OUT_SEED, demo_fd_and_accuracy, load_classifier  # noqa: E402
 
-TAUS = [0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5]
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TAUS = [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5]
 GRID_TAUS = [0.1, 0.3, 0.5, 0.8, 0.9, 1.0, 1.5]
-COLORS = {"purr": (220, 60, 40), "cfm": (40, 90, 220), "cfm-endpoint": (60, 170, 220), "dfm": (60, 160, 60),
-          "real": (0, 0, 0), "tokenizer": (150, 150, 150)}
+SWEEP_STEPS = [4, 8, 16, 32, 64, 100]
+CFG_SCALES = [1.0, 1.3, 1.5, 2.0, 3.0]
+SCHEDULES = [(0.5, 1.0), (1.0, 0.5), (0.7, 1.3), (1.3, 0.7)]  # linear tau(t): (tau at t = 0, tau at t = 1)
+COLORS = {"purr": "tab:red", "cfm": "tab:blue", "cfm-endpoint": "tab:cyan", "dfm": "tab:green",
+          "real": "black", "tokenizer": "tab:gray"}
+PRESETS = {  # what --quick and --smoke shrink
+    "full": dict(num_samples=500, demo_size=10000, longer=(2, 4), sweep=SWEEP_STEPS, eval_steps=32, taus=TAUS,
+                 classifier={}),
+    "quick": dict(num_samples=200, demo_size=10000, longer=(2,), sweep=[4, 16, 32], eval_steps=32, taus=TAUS,
+                  classifier={}),
+    "smoke": dict(num_samples=20, demo_size=200, longer=(2,), sweep=[2, 4], eval_steps=2, taus=[0.5, 1.0],
+                  classifier=dict(n=400, epochs=1, n_ref=200)),
+}
 
 
-def evaluate(sampler, clf, tau, n, num_steps, seed=0, z0=None):
-    """Samples of purr.load_sampler(ckpt) (EMA), labels cycling over the classes -> (FD, accuracy, uint8 images)."""
+def evaluate(sampler, clf, tau, n, num_steps, method="euler", cfg_scale=1.0, z0=None):
+    """n samples of a purr.load_sampler(...) with labels cycling over the classes -> (FD, accuracy, seconds
+    per 100 samples, uint8 images). Noise from seed 0, so every setting sees the same z_0."""
     model, tok, a, _ = sampler
     y = torch.arange(n) % a["num_classes"]
-    g = torch.Generator().manual_seed(seed)
-    z0 = torch.randn(n, a["latent_channels"], a["latent_size"], a["latent_size"], generator=g) if z0 is None else z0
-    torch.manual_seed(seed)
-    c = purr.generate(model, tok, a["objective"], y, z0, tau, 1.0, num_steps)
+    z0 = torch.randn(n, a["latent_channels"], a["latent_size"], a["latent_size"],
+                     generator=torch.Generator().manual_seed(0)) if z0 is None else z0
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    c = torch.cat([purr.generate(model, tok, a["objective"], y[i:i + 100], z0[i:i + 100], tau, cfg_scale, num_steps,
+                                 method) for i in range(0, n, 100)])
     images = vqlib.to_uint8(tok.decode(c))
-    return (*demo_fd_and_accuracy(clf, images, y), images)
+    seconds = (time.perf_counter() - t0) * 100 / n
+    fd, acc = demo_fd_and_accuracy(clf, images, y)
+    return float(fd), float(acc), seconds, images
+
+
+def train_run(work, objective, seed, steps, eval_every, demo_size, resume=None):
+    """`purr.py train` with the demo's defaults -> the run folder."""
+    flags = ["train", "--objective", objective, "--seed", str(seed), "--steps", str(steps), "--demo-size", str(demo_size),
+             "--ckpt-every", str(eval_every), "--log-every", str(eval_every), "--results-dir",
+             os.path.join(work, f"{objective}-seed{seed}")]
+    args = purr.parser().parse_args(flags + (["--resume", resume] if resume else []))
+    return purr.train(args)
+
+
+def checkpoints(run):
+    return sorted(glob.glob(os.path.join(run, "checkpoints", "*.pt")))
 
 
 def floors(tok, clf, n):
-    """What the metric gives real held-out images, and the same images through the tokenizer (encode,
-    decode): no generator in this token space can beat the second."""
+    """The metric on real held-out images, and on the same images through the tokenizer (no generator in
+    this token space can beat the second)."""
     images, labels = purr.demo_dataset(n, seed=HELD_OUT_SEED + 1)
     recon = vqlib.to_uint8(tok.decode(tok.encode(purr.to_unit(images))))
     return {"real": demo_fd_and_accuracy(clf, images, labels), "tokenizer": demo_fd_and_accuracy(clf, recon, labels)}
 
 
-def plot(path, panels, size=(420, 300)):
-    """Line plots side by side, drawn with Pillow. panels: [(title, xlabel, {name: (xs, ys)}, hlines, log)],
-    hlines {name: y} drawn dashed (reference levels); log: a log-scale y axis (FD spans decades)."""
-    W, H, L, B, T = size[0], size[1], 52, 40, 26
-    img = Image.new("RGB", (W * len(panels), H), "white")
-    d = ImageDraw.Draw(img)
-    for p, (title, xlabel, series, hlines, log) in enumerate(panels):
-        ox = p * W
-        f = math.log10 if log else float
-        xs = [x for xs, _ in series.values() for x in xs]
-        ys = [f(y) for _, v in series.items() for y in v[1]] + [f(y) for y in hlines.values()]
-        x0, x1 = min(xs), max(xs)
-        y0, y1 = (min(ys) - 0.1, max(ys) + 0.1) if log else (min(0.0, min(ys)), max(ys) * 1.05)
-        px = lambda x: ox + L + (x - x0) / (x1 - x0) * (W - L - 110)  # noqa: E731
-        py = lambda y: T + (1 - (y - y0) / (y1 - y0)) * (H - T - B)  # noqa: E731
-        d.rectangle([px(x0), py(y1), px(x1), py(y0)], outline="black")
-        d.text((ox + L, 6), title, fill="black")
-        d.text((px(x0) + (px(x1) - px(x0)) / 2 - 3 * len(xlabel), H - 16), xlabel, fill="black")
-        for i in range(5):
-            xv, yv = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
-            d.line([px(xv), py(y0), px(xv), py(y0) + 4], fill="black")
-            d.text((px(xv) - 10, py(y0) + 6), f"{xv:g}", fill="black")
-            d.line([px(x0) - 4, py(yv), px(x0), py(yv)], fill="black")
-            d.text((ox + 4, py(yv) - 6), f"{10 ** yv if log else yv:.3g}", fill="black")
-        for k, (name, yv) in enumerate(hlines.items()):
-            for xa in range(int(px(x0)), int(px(x1)), 8):
-                d.line([xa, py(f(yv)), xa + 4, py(f(yv))], fill=COLORS[name])
-            d.text((px(x1) + 6, H - B - 14 * (len(hlines) - k)), name, fill=COLORS[name])
-        for k, (name, (sx, sy)) in enumerate(series.items()):
-            pts = [(px(x), py(f(y))) for x, y in zip(sx, sy)]
-            if len(pts) > 1:
-                d.line(pts, fill=COLORS[name], width=2)
-            for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLORS[name])
-            d.text((px(x1) + 6, T + 14 * k), name, fill=COLORS[name])
-    img.save(path)
+def mean_sd(values):
+    """Mean and sample standard deviation (0 for one value)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--eval-every", type=int, default=300, help="checkpoint and evaluate every N steps")
-    p.add_argument("--num-samples", type=int, default=500, help="samples per evaluation (50 per class)")
-    p.add_argument("--num-steps", type=int, default=32, help="sampler steps (Euler)")
-    p.add_argument("--work", default="results/miniature", help="run folders (checkpoints)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
-    t_start = time.time()
-    clf = load_classifier()
-    rows, runs = [], {}
-    for obj in purr.OBJECTIVES:
-        t0 = time.time()
-        args = purr.parser().parse_args(["train", "--objective", obj, "--steps", str(a.steps),
-                                         "--ckpt-every", str(a.eval_every), "--log-every", str(a.eval_every),
-                                         "--results-dir", os.path.join(a.work, obj)])
-        runs[obj] = purr.train(args)
-        train_s = time.time() - t0
-        for ckpt in sorted(glob.glob(os.path.join(runs[obj], "checkpoints", "*.pt"))):
-            t1 = time.time()
-            fd, acc, _ = evaluate(purr.load_sampler(ckpt), clf, 0.9 if obj == "purr" else 1.0, a.num_samples,
-                                  a.num_steps)
-            rows.append({"objective": obj, "step": int(os.path.basename(ckpt)[:-3]), "fd": fd, "accuracy": acc,
-                         "train_s": round(train_s, 1), "eval_s": round(time.time() - t1, 1)})
-            print(rows[-1], flush=True)
-    final = purr.load_sampler(sorted(glob.glob(os.path.join(runs["purr"], "checkpoints", "*.pt")))[-1])
-    ref = floors(final[1], clf, a.num_samples)
-    with open(os.path.join(a.out, "miniature_convergence.csv"), "w", newline="") as f:
+def first_reach(steps, fds, target):
+    """The first training step at which the FD curve reaches target (linear in log FD between checkpoints)."""
+    for (s0, f0), (s1, f1) in zip(zip(steps, fds), zip(steps[1:], fds[1:])):
+        if f1 <= target < f0:
+            return s0 + (s1 - s0) * (math.log(f0) - math.log(target)) / (math.log(f0) - math.log(f1))
+    return steps[0] if fds[0] <= target else None
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-        w.writerows({"objective": k, "step": "", "fd": fd, "accuracy": acc} for k, (fd, acc) in ref.items())
-    by = {o: ([r["step"] for r in rows if r["objective"] == o], [r["fd"] for r in rows if r["objective"] == o],
-              [r["accuracy"] for r in rows if r["objective"] == o]) for o in purr.OBJECTIVES}
-    plot(os.path.join(a.out, "miniature_convergence.png"),
-         [("demo FD, log scale (lower is better)", "training step", {o: v[:2] for o, v in by.items()}, {k: v[0] for k, v in ref.items()},
-           True),
-          ("class accuracy of samples", "training step", {o: (v[0], v[2]) for o, v in by.items()},
-           {k: v[1] for k, v in ref.items()}, False)])
+    print(f"-> {path}", flush=True)
 
-    temp = []
-    for tau in TAUS:
-        fd, acc, _ = evaluate(final, clf, tau, a.num_samples, a.num_steps)
-        temp.append({"tau": tau, "fd": fd, "accuracy": acc})
-        print(temp[-1], flush=True)
-    with open(os.path.join(a.out, "miniature_temperature.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, list(temp[0]))
-        w.writeheader()
-        w.writerows(temp)
-    plot(os.path.join(a.out, "miniature_temperature.png"),
-         [("demo FD vs tau, log scale (purr, final EMA)", "tau", {"purr": (TAUS, [r["fd"] for r in temp])}, {k: v[0] for k, v in ref.items()},
-           True),
-          ("class accuracy vs tau", "tau", {"purr": (TAUS, [r["accuracy"] for r in temp])}, {k: v[1] for k, v in ref.items()},
-           False)])
 
-    # Fig. 4: two samples per class, the same z_0 and labels in every row; rows are GRID_TAUS, top to bottom.
-    z0 = torch.randn(20, final[2]["latent_channels"], final[2]["latent_size"], final[2]["latent_size"],
-                     generator=torch.Generator().manual_seed(1))
-    grid = torch.cat([evaluate(final, clf, tau, 20, a.num_steps, z0=z0)[2] for tau in GRID_TAUS])
-    purr.save_grid(grid, len(GRID_TAUS), os.path.join(a.out, "miniature_tau_grid.png"))
+def grouped(rows, x, y, by="objective", **where):
+    """{group: (xs, means, sds)} of rows[y] over seeds, at each rows[x], for rows matching `where`."""
+    out = {}
+    for r in rows:
+        if all(r[k] == v for k, v in where.items()):
+            out.setdefault(r[by], {}).setdefault(r[x], []).append(r[y])
+    return {g: tuple(map(list, zip(*[(k, *mean_sd(v)) for k, v in sorted(d.items())]))) for g, d in out.items()}
+
+
+def plot(path, panels):
+    """Panels side by side: (title, xlabel, ylabel, {name: (xs, means, sds)}, {name: level}, xlog, ylog).
+    Spread over seeds as a band; dashed levels for references; log axes with 1-2-5 ticks; legends outside."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, xlabel, ylabel, series, levels, xlog, ylog) in zip(axes[0], panels):
+        for i, (name, (xs, ms, sds)) in enumerate(series.items()):
+            color = COLORS.get(name, f"C{i}")
+            ax.plot(xs, ms, "o-", color=color, label=name, ms=3.5)
+            ax.fill_between(xs, [m - s for m, s in zip(ms, sds)], [m + s for m, s in zip(ms, sds)], color=color, alpha=0.2)
+        for name, level in levels.items():
+            ax.axhline(level, ls="--", lw=1, color=COLORS.get(name, "black"), label=name)
+        for axis, log in ((ax.xaxis, xlog), (ax.yaxis, ylog)):
+            if log:
+                (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+                axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3, which="major")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"-> {path}", flush=True)
+
+
+def convergence(a, clf, work):
+    """Every objective from every seed; each checkpoint's FD and accuracy -> rows, the runs."""
+    rows, runs = [], {}
+    for seed in a.seeds:
+        for obj in purr.OBJECTIVES:
+            t0 = time.time()
+            runs[seed, obj] = train_run(work, obj, seed, a.steps, a.eval_every, a.demo_size)
+            train_s = time.time() - t0
+            for ckpt in checkpoints(runs[seed, obj]):
+                fd, acc, _, _ = evaluate(purr.load_sampler(ckpt), clf, 0.9 if obj == "purr" else 1.0, a.num_samples,
+                                         a.eval_steps)
+                rows.append({"seed": seed, "objective": obj, "step": int(os.path.basename(ckpt)[:-3]), "fd": round(fd, 3),
+                             "accuracy": round(acc, 4), "train_s": round(train_s, 1)})
+                print(rows[-1], flush=True)
+    return rows, runs
+
+
+def speedups(rows, seeds):
+    """Per seed: (training steps of a baseline) / (steps purr needs to reach the baseline's final FD)."""
+    out = {}
+    for obj in [o for o in purr.OBJECTIVES if o != "purr"]:
+        ratios = []
+        for seed in seeds:
+            curve = lambda o: [(r["step"], r["fd"]) for r in rows if r["seed"] == seed and r["objective"] == o]  # noqa: E731
+            ps, pf = zip(*curve("purr"))
+            base_step, base_fd = curve(obj)[-1]
+            reach = first_reach(list(ps), list(pf), base_fd)
+            ratios.append(base_step / reach if reach else float("nan"))
+        out[obj] = ratios
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, help="training steps (default: the demo's)")
+    p.add_argument("--eval-every", type=int, help="checkpoint and evaluate every N steps (default: steps / 5)")
+    p.add_argument("--quick", action="store_true", help="fewer samples and sweep points: a smoke run of every part")
+    p.add_argument("--smoke", action="store_true", help="a tiny end-to-end configuration (seconds), for the tests")
+    p.add_argument("--work", default="results/miniature", help="run folders (checkpoints)")
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--classifier", help="the metric's classifier (default: benchmarks/results/demo_classifier.pt)")
+    a = p.parse_args(argv)
+    preset = PRESETS["smoke" if a.smoke else "quick" if a.quick else "full"]
+    for k in ("num_samples", "demo_size", "longer", "eval_steps", "taus"):
+        setattr(a, k, preset[k])
+    a.steps = a.steps or purr.TRAIN_DEFAULTS["steps"][0]
+    a.eval_every = a.eval_every or max(1, a.steps // 5)
+    os.makedirs(a.out, exist_ok=True)
+    t_start = time.time()
+    clf = load_classifier(a.classifier, **preset["classifier"])
+    out = lambda name: os.path.join(a.out, f"miniature_{name}")  # noqa: E731
+
+    rows, runs = convergence(a, clf, a.work)
+    ref = floors(purr.load_sampler(checkpoints(runs[a.seeds[0], "purr"])[-1])[1], clf, a.num_samples)
+    write_csv(out("convergence.csv"), rows + [{"seed": "", "objective": k, "step": "", "fd": round(fd, 3),
+                                                "accuracy": round(acc, 4), "train_s": ""} for k, (fd, acc) in ref.items()])
+    plot(out("convergence.png"), [
+        ("demo FD (lower is better)", "training step", "demo FD", grouped(rows, "step", "fd"),
+         {k: v[0] for k, v in ref.items()}, False, True),
+        ("class accuracy of samples", "training step", "accuracy", grouped(rows, "step", "accuracy"),
+         {k: v[1] for k, v in ref.items()}, False, False)])
+    for obj, ratios in speedups(rows, a.seeds).items():
+        m, s = mean_sd(ratios)
+        print(f"purr reaches {obj}'s final FD in {m:.2f}x fewer steps (sd {s:.2f} over seeds {a.seeds}; per seed "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+
+    finals = {(seed, obj): purr.load_sampler(checkpoints(runs[seed, obj])[-1]) for seed in a.seeds
+              for obj in ("purr", "cfm", "dfm")}
+    temp = temperature(a, clf, runs, finals)
+    tau_fd = grouped(temp, "tau", "fd", by="train_steps", train_steps=a.steps)[a.steps]
+    best_tau = tau_fd[0][tau_fd[1].index(min(tau_fd[1]))]
+    print(f"best constant tau (mean FD over seeds, {a.steps} steps): {best_tau}", flush=True)
+    steps_sweep(a, clf, finals, preset["sweep"], out)
+    guidance_and_schedules(a, clf, finals, best_tau, out)
+    tau_grid(finals[a.seeds[0], "purr"], clf, a.eval_steps, out)
     print(f"miniature: done in {(time.time() - t_start) / 60:.1f} min; floors {ref}; results in {a.out}")
+
+
+def temperature(a, clf, runs, finals):
+    """The tau sweep at the demo's steps (every seed), and at 2x and 4x (seed 0's purr run, resumed)."""
+    rows = []
+    samplers = {(a.steps, seed): finals[seed, "purr"] for seed in a.seeds}
+    run = runs[a.seeds[0], "purr"]
+    for k in a.longer:
+        train_run(a.work, "purr", a.seeds[0], k * a.steps, a.steps, a.demo_size, resume=checkpoints(run)[-1])
+        samplers[k * a.steps, a.seeds[0]] = purr.load_sampler(checkpoints(run)[-1])
+    for (steps, seed), sampler in samplers.items():
+        for tau in a.taus:
+            fd, acc, _, _ = evaluate(sampler, clf, tau, a.num_samples, a.eval_steps)
+            rows.append({"train_steps": steps, "seed": seed, "tau": tau, "fd": round(fd, 3), "accuracy": round(acc, 4)})
+            print(rows[-1], flush=True)
+    write_csv(os.path.join(a.out, "miniature_temperature.csv"), rows)
+    plot(os.path.join(a.out, "miniature_temperature.png"), [
+        ("demo FD against tau (purr, EMA)", "tau", "demo FD",
+         {f"{s} steps": v for s, v in grouped(rows, "tau", "fd", by="train_steps").items()}, {}, False, True),
+        ("class accuracy against tau", "tau", "accuracy",
+         {f"{s} steps": v for s, v in grouped(rows, "tau", "accuracy", by="train_steps").items()}, {}, False, False)])
+    return rows
+
+
+def steps_sweep(a, clf, finals, sweep, out):
+    """Quality against network evaluations: Euler for purr, cfm, dfm; midpoint (2 per step) for purr."""
+    rows = []
+    for (seed, obj), sampler in finals.items():
+        for nfe in sweep:
+            for method in ("euler", "midpoint") if obj == "purr" else ("euler",):
+                num_steps = nfe // 2 if method == "midpoint" else nfe
+                fd, acc, sec, _ = evaluate(sampler, clf, 1.0 if obj == "dfm" else 0.9, a.num_samples, num_steps, method)
+                rows.append({"seed": seed, "objective": obj, "method": method, "num_steps": num_steps, "nfe": nfe,
+                             "fd": round(fd, 3), "accuracy": round(acc, 4), "s_per_100": round(sec, 3)})
+                print(rows[-1], flush=True)
+    for r in rows:
+        r["curve"] = r["objective"] + (" (midpoint)" if r["method"] == "midpoint" else "")
+    write_csv(out("steps.csv"), rows)
+    plot(out("steps.png"), [
+        ("demo FD against network evaluations", "network evaluations per sample", "demo FD",
+         grouped(rows, "nfe", "fd", by="curve"), {}, True, True),
+        ("class accuracy", "network evaluations per sample", "accuracy", grouped(rows, "nfe", "accuracy", by="curve"), {},
+         True, False),
+        ("sampling time", "network evaluations per sample", "seconds per 100 samples",
+         grouped(rows, "nfe", "s_per_100", by="curve"), {}, True, True)])
+
+
+def guidance_and_schedules(a, clf, finals, best_tau, out):
+    """purr at CFG scales (tau at its best), and linear tau(t) schedules against the best constant tau."""
+    rows, sched = [], []
+    for seed in a.seeds:
+        sampler = finals[seed, "purr"]
+        for s in CFG_SCALES:
+            fd, acc, _, _ = evaluate(sampler, clf, best_tau, a.num_samples, a.eval_steps, cfg_scale=s)
+            rows.append({"seed": seed, "tau": best_tau, "cfg_scale": s, "fd": round(fd, 3), "accuracy": round(acc, 4)})
+            print(rows[-1], flush=True)
+        for start, end in [(best_tau, best_tau)] + SCHEDULES:
+            name = f"constant {best_tau}" if (start, end) == (best_tau, best_tau) else f"linear {start} -> {end}"
+            fd, acc, _, _ = evaluate(sampler, clf, purr.tau_schedule("linear", start, end), a.num_samples, a.eval_steps)
+            sched.append({"seed": seed, "schedule": name, "tau_start": start, "tau_end": end, "fd": round(fd, 3),
+                          "accuracy": round(acc, 4)})
+            print(sched[-1], flush=True)
+    write_csv(out("guidance.csv"), rows)
+    write_csv(out("tau_schedule.csv"), sched)
+    for r in rows:
+        r["curve"] = f"purr, tau {best_tau}"
+    plot(out("guidance.png"), [
+        ("demo FD against guidance", "CFG scale", "demo FD", grouped(rows, "cfg_scale", "fd", by="curve"), {}, False, True),
+        ("class accuracy against guidance", "CFG scale", "accuracy", grouped(rows, "cfg_scale", "accuracy", by="curve"),
+         {}, False, False)])
+
+
+def tau_grid(sampler, clf, num_steps, out):
+    """Fig. 4: two samples per class, the same z_0 and labels in every row; rows are GRID_TAUS, top to bottom."""
+    a = sampler[2]
+    z0 = torch.randn(20, a["latent_channels"], a["latent_size"], a["latent_size"], generator=torch.Generator().manual_seed(1))
+    grid = torch.cat([evaluate(sampler, clf, tau, 20, num_steps, z0=z0)[3] for tau in GRID_TAUS])
+    purr.save_grid(grid, len(GRID_TAUS), out("tau_grid.png"))
 
 
 if __name__ == "__main__":

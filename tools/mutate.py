@@ -53,9 +53,13 @@ MUTATIONS = [
              "logits.gather(1, c[:, None])[:, 0]", "logits.gather(0, c[:, None])[:, 0]", LOSS),
     # Eq. 13: v = (mu - z_t) / (1 - t), mu = sum_k pi_k e_k.
     Mutation("velocity_sign", "purr.py",
-             "else (out - z) / (1 - tt).view(-1, 1, 1, 1)", "else (z - out) / (1 - tt).view(-1, 1, 1, 1)", SAMPLER),
+             "return (network(model, z, t, y, cfg_scale, mu) - z) / (1 - t)", "return (z - network(model, z, t, y, cfg_scale, mu)) / (1 - t)", SAMPLER),
     Mutation("velocity_times_one_minus_t", "purr.py",
-             "else (out - z) / (1 - tt).view(-1, 1, 1, 1)", "else (out - z) * (1 - tt).view(-1, 1, 1, 1)", SAMPLER),
+             "return (network(model, z, t, y, cfg_scale, mu) - z) / (1 - t)", "return (network(model, z, t, y, cfg_scale, mu) - z) * (1 - t)", SAMPLER),
+    # Algorithm 2 as a loop: t = s/T for s = 0..T-1, steps of 1/T; Eq. 15 with tau(t).
+    Mutation("euler_loop_time_shifted", "purr.py", "z = z + v(s / T, z) / T", "z = z + v((s + 1) / T - 1e-3, z) / T", SAMPLER),
+    Mutation("tau_schedule_reversed", "purr.py", "return lambda t: tau + (tau_end - tau) * t",
+             "return lambda t: tau_end + (tau - tau_end) * t", "test_linear_tau"),
     # Eq. 14: cross-entropy plus the z-loss (log Z)^2.
     Mutation("zloss_not_squared", "purr.py",
              "z_weight * log_z.pow(2).mean()", "z_weight * log_z.mean()", LOSS),
@@ -73,7 +77,7 @@ MUTATIONS = [
              "test_entropy_is_that or test_entropy_map"),
     # The interpolant z_t = t z_1 + (1 - t) z_0.
     Mutation("interpolant_reversed", "purr.py",
-             "out = model(tt * z1 + (1 - tt) * z0, t, y)", "out = model((1 - tt) * z1 + tt * z0, t, y)",
+             "return t * z1 + (1 - t) * z0", "return (1 - t) * z1 + t * z0",
              "test_each_objective_loss or test_purr_training_loss"),
     # Algorithm 2: integrate to (T-1)/T, then one Euler step that lands on mu.
     Mutation("last_step_too_short", "purr.py",
@@ -85,15 +89,15 @@ MUTATIONS = [
     Mutation("ema_decay_swapped", "purr.py", "e.lerp_(p, 1 - decay)", "e.lerp_(p, decay)",
              "test_ema_update or test_train_ema or test_entropy_map_is_written"),
     Mutation("ema_gets_one_minus_decay", "purr.py",
-             "update_ema(ema, model, args.ema_decay)", "update_ema(ema, model, 1 - args.ema_decay)", "test_train_ema"),
+             "update_ema(ema, model, cfg[\"ema_decay\"])", "update_ema(ema, model, 1 - cfg[\"ema_decay\"])", "test_train_ema"),
     # Label dropout (--class-dropout) and the null class num_classes.
     Mutation("label_dropout_null_off_by_one", "purr.py",
-             "y = torch.where(drop, data.num_classes, y)", "y = torch.where(drop, data.num_classes - 1, y)", TRAIN_RUN),
+             "y = torch.where(drop, cfg[\"num_classes\"], y)", "y = torch.where(drop, cfg[\"num_classes\"] - 1, y)", TRAIN_RUN),
     Mutation("label_dropout_inverted", "purr.py",
              "drop = torch.rand(G, generator=g)[sl] < class_dropout", "drop = torch.rand(G, generator=g)[sl] > class_dropout",
              TRAIN_RUN),
     Mutation("label_dropout_where_swapped", "purr.py",
-             "y = torch.where(drop, data.num_classes, y)", "y = torch.where(drop, y, data.num_classes)", TRAIN_RUN),
+             "y = torch.where(drop, cfg[\"num_classes\"], y)", "y = torch.where(drop, y, cfg[\"num_classes\"])", TRAIN_RUN),
     Mutation("cfg_null_off_by_one", "purr.py",
              "null = torch.full_like(y, self.num_classes)", "null = torch.full_like(y, self.num_classes - 1)", DIT),
     # Time conditioning: TimestepEmbedder embeds 1000 t as [cos, sin] at DiT's frequencies.
@@ -114,10 +118,9 @@ MUTATIONS = [
              "self.y_embedder = nn.Embedding(num_classes, hidden_size)", DIT),
     # DDP: each rank takes its slice of the global batch (data and noise alike).
     Mutation("rank_data_strided", "purr.py",
-             "yield list(zip(idx[rank * b:(rank + 1) * b].tolist(), flip[rank * b:(rank + 1) * b].tolist()))",
-             "yield list(zip(idx[rank::world].tolist(), flip[rank::world].tolist()))", DDP),
+             "mine = slice(self.rank * b, (self.rank + 1) * b)", "mine = slice(self.rank, None, self.world)", DDP),
     Mutation("rank_noise_not_sliced", "purr.py",
-             "draw_noise(G, slice(rank * b, (rank + 1) * b), step,", "draw_noise(b, slice(0, b), step,", DDP),
+             "y.to(device), step, slice(rank * b, (rank + 1) * b), n_micro)", "y.to(device), step, slice(0, b), n_micro)", DDP),
     Mutation("noise_same_every_step", "purr.py",
              "torch.Generator().manual_seed(seed * 1_000_003 + step)", "torch.Generator().manual_seed(seed * 1_000_003)",
              DDP),
@@ -127,7 +130,7 @@ MUTATIONS = [
     Mutation("resume_ema_from_model", "purr.py",
              'ema.load_state_dict(ckpt["ema"])', 'ema.load_state_dict(ckpt["model"])', RESUME),
     Mutation("resume_data_from_start", "purr.py",
-             "batch_sampler=RankBatches(len(data), step, args.steps,", "batch_sampler=RankBatches(len(data), 0, args.steps - step,",
+             "batch_sampler=RankBatches(len(data), step, steps,", "batch_sampler=RankBatches(len(data), 0, steps - step,",
              RESUME),
     # Atomic saves: write beside, os.replace; a failed save removes its temporary file.
     Mutation("save_in_place", "purr.py",
@@ -146,8 +149,8 @@ MUTATIONS = [
              "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)", "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)",
              SIGNALS),
     Mutation("stop_without_saving", "purr.py",
-             "if step % args.ckpt_every == 0 or step == args.steps or stopping:",
-             "if step % args.ckpt_every == 0 or step == args.steps:", SIGNALS),
+             "if step % cfg[\"ckpt_every\"] == 0 or step == steps or stopping:",
+             "if step % cfg[\"ckpt_every\"] == 0 or step == steps:", SIGNALS),
     # Gradient accumulation: loss / n per micro-batch, DDP's all-reduce only on the last.
     Mutation("accum_loss_not_divided", "purr.py",
              '(losses["loss"] / n).backward()', 'losses["loss"].backward()', SPLITS),
@@ -192,10 +195,10 @@ MUTATIONS = [
     Mutation("fid_requires_num_batches_tracked", "fid.py",
              'want = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}',
              "want = {k: v.shape for k, v in model.state_dict().items()}", FID),
-    Mutation("crop_bilinear", "fid.py",
+    Mutation("crop_bilinear", "purr.py",
              "img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)",
              "img.resize(tuple(round(x * scale) for x in img.size), Image.BILINEAR)", CROP),
-    Mutation("crop_no_box_halving", "fid.py", "Image.BOX)", "Image.BICUBIC)", CROP),
+    Mutation("crop_no_box_halving", "purr.py", "Image.BOX)", "Image.BICUBIC)", CROP),
 ]
 
 
