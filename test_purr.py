@@ -521,7 +521,7 @@ def test_save_into_a_full_disk_is_one_line_and_keeps_the_previous(tmp_path):
 
 @pytest.mark.slow  # trains or starts torchrun
 def test_resume_with_a_new_lr_trains_at_it(tmp_path):
-    common = ["--global-batch-size", "4", "--demo-size", "200", "--lr", "1e-3"]
+    common = ["--global-batch-size", "4", "--demo-size", "200", "--decay", "0", "--lr", "1e-3"]
     train_cli(tmp_path, "--steps", "1", *common)
     common[-1] = "1e-5"
     train_cli(tmp_path, "--steps", "2", "--resume", *common)
@@ -530,6 +530,12 @@ def test_resume_with_a_new_lr_trains_at_it(tmp_path):
     # and a flag not given on resume keeps the checkpoint's value, not the default
     train_cli(tmp_path, "--steps", "3", "--resume", "--global-batch-size", "4", "--demo-size", "200")
     assert final_state(tmp_path)["opt"]["param_groups"][0]["lr"] == 1e-5
+
+
+def test_learning_rate_warms_up_and_decays_linearly_to_zero():
+    cfg = {"lr": 1.0, "steps": 10, "warmup": 2, "decay": 0.5}
+    assert [purr.learning_rate(cfg, s) for s in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+    assert [purr.learning_rate({**cfg, "warmup": 0, "decay": 0.0}, s) for s in range(10)] == [1.0] * 10
 
 
 @pytest.mark.slow  # trains or starts torchrun

@@ -60,6 +60,9 @@ MUTATIONS = [
     Mutation("euler_loop_time_shifted", "purr.py", "z = z + v(s / T, z) / T", "z = z + v((s + 1) / T - 1e-3, z) / T", SAMPLER),
     Mutation("tau_schedule_reversed", "purr.py", "return lambda t: tau + (tau_end - tau) * t",
              "return lambda t: tau_end + (tau - tau_end) * t", "test_linear_tau"),
+    # The learning-rate schedule (the demo's decay).
+    Mutation("lr_decay_never_reaches_zero", "purr.py", "lr *= (steps - step) / (steps * cfg[\"decay\"])",
+             "lr *= (steps - step + 1) / (steps * cfg[\"decay\"])", "test_learning_rate"),
     # Eq. 14: cross-entropy plus the z-loss (log Z)^2.
     Mutation("zloss_not_squared", "purr.py",
              "z_weight * log_z.pow(2).mean()", "z_weight * log_z.mean()", LOSS),
