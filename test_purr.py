@@ -965,12 +965,15 @@ def test_train_step_accumulates_the_full_batch_gradient():
     assert split.synced == [False, False, True]
 
 
-def test_draw_noise_and_rank_batches_slice_the_global_batch():
+def test_draw_noise_slices_one_draw_per_step_of_the_global_batch():
     full = purr.draw_noise(8, slice(0, 8), 3, 1, 4, 2, 0.5, "cpu")
     halves = [purr.draw_noise(8, slice(r * 4, (r + 1) * 4), 3, 1, 4, 2, 0.5, "cpu") for r in range(2)]
     assert all(torch.equal(f, torch.cat([h[i] for h in halves])) for i, f in enumerate(full))
     assert all(torch.equal(a, b) for a, b in zip(full, purr.draw_noise(8, slice(0, 8), 3, 1, 4, 2, 0.5, "cpu")))
     assert not torch.equal(full[0], purr.draw_noise(8, slice(0, 8), 4, 1, 4, 2, 0.5, "cpu")[0])  # new noise each step
+
+
+def test_rank_batches_slice_the_global_batch_plan():
     idx, flip = purr.global_batch_plan(50, 2, 8, 1)
     ranks = [list(purr.RankBatches(50, 2, 3, 8, r, 2, 1)) for r in range(2)]
     assert ranks[0][0] + ranks[1][0] == list(zip(idx.tolist(), flip.tolist()))
