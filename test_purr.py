@@ -453,7 +453,7 @@ def test_truncated_checkpoint_is_a_clear_error_and_the_previous_survives(tmp_pat
                           "truncated", first)
     assert purr.load_checkpoint(first)["step"] == 1
     assert_one_line_error(run_cli("train", "--resume", first, "--model", "T/1", "--results-dir", str(tmp_path),
-                                  "--demo-size", "200"), "--model T/2", "resume with the same")
+                                  "--demo-size", "200"), "--model N/4", "resume with the same")
 
 
 @pytest.fixture(scope="module")

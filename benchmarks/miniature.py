@@ -12,7 +12,7 @@
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/miniature.py --seeds 0 1 2   # -> benchmarks/results/miniature_*.{csv,png}
-    python benchmarks/miniature.py --quick         # a smoke run of every part, < 10 min
+    python benchmarks/miniature.py --quick         # every part, 2 seeds, 1/4 of the steps: < 10 min -> results/miniature-quick
 
 Samples: Euler, 32 steps (the steps sweep aside), 500 per point, tau 0.9 for purr's convergence (the paper's
 Fig. 3 setting) and 1.0 for DFM, whose x_1 draws are the model's own distribution.
@@ -44,8 +44,8 @@ COLORS = {"purr": "tab:red", "cfm": "tab:blue", "cfm-endpoint": "tab:cyan", "dfm
 PRESETS = {  # what --quick and --smoke shrink
     "full": dict(num_samples=500, demo_size=10000, longer=(2, 4), sweep=SWEEP_STEPS, eval_steps=32, taus=TAUS,
                  classifier={}),
-    "quick": dict(num_samples=200, demo_size=10000, longer=(2,), sweep=[4, 16, 32], eval_steps=32, taus=TAUS,
-                  classifier={}),
+    "quick": dict(num_samples=200, demo_size=10000, longer=(2,), sweep=[4, 16, 32], eval_steps=32,
+                  taus=[0.5, 0.8, 1.0, 1.2], classifier={}, seeds=[0, 1], steps_div=4),
     "smoke": dict(num_samples=20, demo_size=200, longer=(2,), sweep=[2, 4], eval_steps=2, taus=[0.5, 1.0],
                   classifier=dict(n=400, epochs=1, n_ref=200)),
 }
@@ -184,19 +184,21 @@ def speedups(rows, seeds):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0 1)")
     p.add_argument("--steps", type=int, help="training steps (default: the demo's)")
     p.add_argument("--eval-every", type=int, help="checkpoint and evaluate every N steps (default: steps / 5)")
-    p.add_argument("--quick", action="store_true", help="fewer samples and sweep points: a smoke run of every part")
+    p.add_argument("--quick", action="store_true", help="every part in < 10 min: 2 seeds, 1/4 of the steps, fewer points")
     p.add_argument("--smoke", action="store_true", help="a tiny end-to-end configuration (seconds), for the tests")
     p.add_argument("--work", default="results/miniature", help="run folders (checkpoints)")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--out", help="tables and plots (default: benchmarks/results; --quick: results/miniature-quick)")
     p.add_argument("--classifier", help="the metric's classifier (default: benchmarks/results/demo_classifier.pt)")
     a = p.parse_args(argv)
     preset = PRESETS["smoke" if a.smoke else "quick" if a.quick else "full"]
     for k in ("num_samples", "demo_size", "longer", "eval_steps", "taus"):
         setattr(a, k, preset[k])
-    a.steps = a.steps or purr.TRAIN_DEFAULTS["steps"][0]
+    a.seeds = a.seeds or preset.get("seeds", [0, 1, 2])
+    a.out = a.out or (RESULTS if preset is PRESETS["full"] else os.path.join("results", "miniature-quick"))
+    a.steps = a.steps or purr.TRAIN_DEFAULTS["steps"][0] // preset.get("steps_div", 1)
     a.eval_every = a.eval_every or max(1, a.steps // 5)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
