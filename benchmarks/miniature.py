@@ -206,7 +206,9 @@ def main(argv=None):
     out = lambda name: os.path.join(a.out, f"miniature_{name}")  # noqa: E731
 
     rows, runs = convergence(a, clf, a.work)
-    ref = floors(purr.load_sampler(checkpoints(runs[a.seeds[0], "purr"])[-1])[1], clf, a.num_samples)
+    finals = {(seed, obj): purr.load_sampler(checkpoints(runs[seed, obj])[-1]) for seed in a.seeds
+              for obj in ("purr", "cfm", "dfm")}
+    ref = floors(finals[a.seeds[0], "purr"][1], clf, a.num_samples)
     write_csv(out("convergence.csv"), rows + [{"seed": "", "objective": k, "step": "", "fd": round(fd, 3),
                                                 "accuracy": round(acc, 4), "train_s": ""} for k, (fd, acc) in ref.items()])
     plot(out("convergence.png"), [
@@ -219,8 +221,6 @@ def main(argv=None):
         print(f"purr reaches {obj}'s final FD in {m:.2f}x fewer steps (sd {s:.2f} over seeds {a.seeds}; per seed "
               f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
 
-    finals = {(seed, obj): purr.load_sampler(checkpoints(runs[seed, obj])[-1]) for seed in a.seeds
-              for obj in ("purr", "cfm", "dfm")}
     temp = temperature(a, clf, runs, finals)
     tau_fd = grouped(temp, "tau", "fd", by="train_steps", train_steps=a.steps)[a.steps]
     best_tau = tau_fd[0][tau_fd[1].index(min(tau_fd[1]))]
