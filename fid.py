@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
+from appendix import IMAGE_EXTS, center_crop  # shared with purr's training data
+
 WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name
 WEIGHTS_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the same file
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS
-IMAGE_EXTS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # compared lower-case (ImageNet's .JPEG); purr's folders too
 PREPROCESS = ("fidelity", "pytorch-fid")
 
 
@@ -231,7 +232,6 @@ def _read_image(f, crop=None):
     try:
         with Image.open(f) as im:
             if crop:
-                from purr import center_crop  # ADM's crop lives with purr's data code, which imports this module
                 return center_crop(im, crop)
             return np.asarray(im.convert("RGB"))
     except Exception as e:

@@ -8,7 +8,9 @@ mu = sum_k pi_k e_k (Eq. 13), pi = softmax(logits / tau) (Eq. 15), then decodes 
 
 Reading order: the DiT; Purrception (embed, interpolant, Eq. 14 in purr_loss_formula, Algorithm 1's loss
 in purr_training_loss, Eq. 13 and 15 in posterior_mean and purr_velocity, Algorithm 2 in algorithm2); the
-baselines; training (TRAIN_DEFAULTS, train); sampling (sample); then an appendix of plumbing.
+baselines; training (TRAIN_DEFAULTS, train); sampling (sample); then extract, bench and the command line.
+The plumbing around them (data and the batch plan, processes and signals, checkpoints, logs, image
+outputs) is in appendix.py.
 
     python purr.py train                      # built-in demo data + tiny tokenizer, a few CPU minutes
     python purr.py sample --tau 0.8           # grid of samples from the newest checkpoint
@@ -18,32 +20,24 @@ import argparse
 import collections
 import contextlib
 import copy
-import datetime
 import functools
-import glob
-import itertools
 import json
 import math
 import os
-import shutil
-import signal
 import sys
-import time
 import types
-import zipfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import fid
 import vq as vqlib
-
-
-class PurrError(Exception):
-    """A problem with the user's input: printed as one line, without a traceback."""
+from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder, Unreadable, agree,
+                      checkpoint_paths, collate, default_precision, demo_dataset, heat, load_checkpoint, new_run_dir,
+                      peak_memory, save_grid, save_run, setup_distributed, split_batch, stop_requests, timed, to_unit,
+                      write_adm_npz)
 
 
 # ==============================================================================================
@@ -600,6 +594,32 @@ def latent_shape(cfg, data, tok):
             "num_classes": data.num_classes}
 
 
+def open_data(cfg, device):
+    """The training data and the frozen tokenizer. With no --data: the built-in demo images, a tiny
+    tokenizer fitted on them (DEMO_TOKENIZER), and all images (and flips) encoded once."""
+    if cfg["data"] is None:
+        images, labels = demo_dataset(cfg["demo_size"])
+        tok = vqlib.fit_tiny(to_unit(images), seed=cfg["seed"], **DEMO_TOKENIZER)
+        tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
+        return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
+    if os.path.isfile(os.path.join(cfg["data"], "meta.json")):
+        return open_tokens(cfg["data"], cfg["vq_ckpt"], device)
+    return ImageFolder(cfg["data"], cfg["image_size"]), vqlib.load_tokenizer(cfg["vq"], cfg["vq_ckpt"]).to(device)
+
+
+def open_tokens(folder, vq_ckpt, device):
+    """A folder written by `purr.py extract`: memory-mapped tokens, no encoder in the training loop."""
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    done = np.load(os.path.join(folder, "done.npy"), mmap_mode="r")
+    if not done.all():
+        raise PurrError(f"{folder}: extraction is incomplete ({int(done.sum())}/{len(done)} images); "
+                        "rerun the same 'purr.py extract' command to finish it")
+    tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    tok = vqlib.load_tokenizer(meta["vq"], vq_ckpt or meta["vq_ckpt"]).to(device)
+    return TokenFolder(tokens, labels, len(meta["classes"])), tok
+
+
 def build_model(a):
     """The DiT of a run, from its settings: one place, so train and sample always agree."""
     d, objective = a["latent_channels"], a["objective"]
@@ -771,442 +791,10 @@ def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
 
 
 # ==============================================================================================
-# Appendix. Data: the built-in demo images, image folders, token folders, and the batch plan.
+# Appendix: `purr.py extract` and `bench`, the command line. The rest of the plumbing (data and the batch
+# plan, processes and signals, checkpoints and logs, image outputs) is in appendix.py.
 
-DEMO_CLASSES = ["circle", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "star", "bars"]
-
-
-def draw_shape(draw, cls, cx, cy, r, color):
-    w = max(2, r // 2)  # stroke width of the line-drawn classes
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if cls == "circle":
-        draw.ellipse(box, fill=color)
-    elif cls == "square":
-        draw.rectangle(box, fill=color)
-    elif cls == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=color)
-    elif cls == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
-    elif cls == "plus":
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
-    elif cls == "cross":
-        draw.line((cx - r, cy - r, cx + r, cy + r), fill=color, width=2 * w)
-        draw.line((cx - r, cy + r, cx + r, cy - r), fill=color, width=2 * w)
-    elif cls == "ring":
-        draw.ellipse(box, outline=color, width=w)
-    elif cls == "frame":
-        draw.rectangle(box, outline=color, width=w)
-    elif cls == "star":
-        pts = [(cx + (r if i % 2 == 0 else r * 0.4) * math.sin(i * math.pi / 5),
-                cy - (r if i % 2 == 0 else r * 0.4) * math.cos(i * math.pi / 5)) for i in range(10)]
-        draw.polygon(pts, fill=color)
-    else:  # bars: three horizontal stripes
-        for k in (-1, 0, 1):
-            draw.rectangle((cx - r, cy + k * 2 * w - w // 2, cx + r, cy + k * 2 * w + w // 2), fill=color)
-
-
-def demo_dataset(n=10000, size=32, seed=0):
-    """Deterministic class-conditional images: one shape of a random colour, size and position on
-    black, drawn 4x larger and downsampled (anti-aliased). Returns uint8 [n,3,size,size], labels [n]."""
-    rng = np.random.default_rng(seed)
-    s = 4 * size
-    images = np.empty((n, size, size, 3), np.uint8)
-    labels = np.arange(n) % len(DEMO_CLASSES)
-    for i, cls in enumerate(labels):
-        r = int(rng.uniform(0.22, 0.4) * s)
-        cx, cy = rng.integers(r + 2, s - r - 2, size=2)
-        hue = rng.uniform(0, 6)
-        rgb = np.clip(np.abs((hue + np.array([0, 4, 2])) % 6 - 3) - 1, 0, 1)  # HSV with s = v = 1
-        color = tuple(int(v) for v in 255 * (0.3 + 0.7 * rgb))
-        im = Image.new("RGB", (s, s))
-        draw_shape(ImageDraw.Draw(im), DEMO_CLASSES[cls], int(cx), int(cy), r, color)
-        images[i] = np.asarray(im.resize((size, size), Image.LANCZOS))
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
-
-
-def to_unit(images):  # uint8 [0,255] -> float [-1,1]
-    return images.float() / 127.5 - 1
-
-
-def center_crop(img, size):
-    """ADM's center crop, purr's training crop (also vq.py's recon and fid.py's --center-crop): to
-    RGB first (PIL resizes palette images nearest-neighbour), halve with a box filter while the image is at
-    least 2x too large, resize bicubic so the short side is `size`, cut the center square."""
-    img = img.convert("RGB")
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
-    arr = np.asarray(img)
-    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[y:y + size, x:x + size]
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """ImageNet layout: root/<class>/<image>; classes sorted by name. Items are (index, flip)."""
-
-    def __init__(self, root, size):
-        if not os.path.isdir(root):
-            raise PurrError(f"--data {root}: no such folder; give an image folder with one sub-folder per class")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files = [(f, y) for y, d in enumerate(self.classes) for f in sorted(glob.glob(os.path.join(root, d, "*")))
-                      if f.lower().endswith(fid.IMAGE_EXTS)]
-        if not self.files:
-            raise PurrError(f"--data {root}: no images found; expected {root}/<class>/<image>.png|jpg "
-                            "(one sub-folder per class)")
-        self.size, self.num_classes = size, len(self.classes)
-        self.labels = torch.tensor([y for _, y in self.files])
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, item):
-        """(image, label, unreadable files met): an unreadable file is replaced by the next readable one in
-        the folder's order, a function of the index alone, so the run stays reproducible on any number of
-        processes. The label is the replacement's."""
-        i, flip = item
-        bad = []
-        for j in itertools.chain(range(i, len(self)), range(i)):
-            try:
-                with Image.open(self.files[j][0]) as im:
-                    arr = center_crop(im, self.size)
-                break
-            except Exception as e:  # whatever a damaged file makes Pillow raise
-                said = str(e).splitlines()[0] if str(e) and self.files[j][0] not in str(e) else ""
-                bad.append((j, f"{type(e).__name__}{': ' + said if said else ''}"))
-        else:
-            raise PurrError(f"no image in {len(self)} files of --data can be read")
-        x = torch.from_numpy(np.array(arr[:, ::-1] if flip else arr)).permute(2, 0, 1)  # a writable copy
-        return x, self.labels[j], bad
-
-
-class TokenFolder(torch.utils.data.Dataset):
-    """Pre-encoded data: tokens [N,2,h,w] (the image and its horizontal flip), labels [N]."""
-
-    def __init__(self, tokens, labels, num_classes):
-        self.tokens, self.labels, self.num_classes = tokens, torch.as_tensor(labels), num_classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, item):
-        i, flip = item
-        return torch.from_numpy(np.asarray(self.tokens[i, flip], dtype=np.int64)), self.labels[i], []
-
-
-def open_data(cfg, device):
-    """The training data and the frozen tokenizer. With no --data: the built-in demo images, a tiny
-    tokenizer fitted on them (DEMO_TOKENIZER), and all images (and flips) encoded once."""
-    if cfg["data"] is None:
-        images, labels = demo_dataset(cfg["demo_size"])
-        tok = vqlib.fit_tiny(to_unit(images), seed=cfg["seed"], **DEMO_TOKENIZER)
-        tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
-        return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
-    if os.path.isfile(os.path.join(cfg["data"], "meta.json")):
-        return open_tokens(cfg["data"], cfg["vq_ckpt"], device)
-    return ImageFolder(cfg["data"], cfg["image_size"]), vqlib.load_tokenizer(cfg["vq"], cfg["vq_ckpt"]).to(device)
-
-
-def open_tokens(folder, vq_ckpt, device):
-    """A folder written by `purr.py extract`: memory-mapped tokens, no encoder in the training loop."""
-    meta = json.load(open(os.path.join(folder, "meta.json")))
-    done = np.load(os.path.join(folder, "done.npy"), mmap_mode="r")
-    if not done.all():
-        raise PurrError(f"{folder}: extraction is incomplete ({int(done.sum())}/{len(done)} images); "
-                        "rerun the same 'purr.py extract' command to finish it")
-    tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
-    labels = np.load(os.path.join(folder, "labels.npy"))
-    tok = vqlib.load_tokenizer(meta["vq"], vq_ckpt or meta["vq_ckpt"]).to(device)
-    return TokenFolder(tokens, labels, len(meta["classes"])), tok
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_plan(n, epoch, seed):
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g), torch.randint(0, 2, (n,), generator=g)
-
-
-def global_batch_plan(n, step, global_batch, seed):
-    """(index, flip) of every sample of the global batch at `step`. Each epoch is a seeded permutation
-    with seeded flips, so the data position is a function of the step alone: resuming needs no loader
-    state and the result does not depend on the number of processes."""
-    pos = step * global_batch + torch.arange(global_batch)
-    idx, flip = torch.empty_like(pos), torch.empty_like(pos)
-    for e in (pos // n).unique().tolist():
-        perm, flips = epoch_plan(n, e, seed)
-        at = pos // n == e
-        idx[at] = perm[pos[at] % n]
-        flip[at] = flips[idx[at]]
-    return idx, flip
-
-
-class RankBatches(torch.utils.data.Sampler):
-    """This rank's slice of every global batch from step `start` on, as lists of (index, flip)."""
-
-    def __init__(self, n, start, steps, global_batch, rank, world, seed):
-        self.n, self.start, self.steps, self.G, self.seed = n, start, steps, global_batch, seed
-        self.rank, self.world = rank, world
-
-    def __len__(self):
-        return self.steps - self.start
-
-    def __iter__(self):
-        b = self.G // self.world
-        for step in range(self.start, self.steps):
-            idx, flip = global_batch_plan(self.n, step, self.G, self.seed)
-            mine = slice(self.rank * b, (self.rank + 1) * b)
-            yield list(zip(idx[mine].tolist(), flip[mine].tolist()))
-
-
-def collate(items):
-    """A rank's batch: stacked images (or tokens), labels, and the unreadable files met (index, why)."""
-    x, y, bad = zip(*items)
-    return torch.stack(x), torch.stack(y), [b for part in bad for b in part]
-
-
-def split_batch(G, world, grad_accum, micro_batch_size):
-    """(this process's share, micro-batches per step) of the global batch G."""
-    if G % world:
-        raise PurrError(f"--global-batch-size {G} is not divisible by the {world} processes")
-    b = G // world
-    n = b // micro_batch_size if micro_batch_size else grad_accum
-    if n < 1 or b % n or (micro_batch_size and b % micro_batch_size):
-        raise PurrError(f"--global-batch-size {G} on {world} process(es) is {b} per process, which does not split "
-                        f"into {f'micro-batches of {micro_batch_size}' if micro_batch_size else f'{n} equal micro-batches'}; "
-                        "choose a divisor")
-    return b, n
-
-
-class Unreadable:
-    """The unreadable images met so far, over all ranks: each reported once (rank 0, stderr), counted in
-    the log; past max(5, 0.1 % of the data) the run stops with one line naming the first few."""
-
-    def __init__(self, data, world):
-        self.data, self.world, self.seen = data, world, {}
-        self.limit = max(5, len(data) // 1000)
-
-    def fresh(self, bad):
-        """This rank's (index, why) not reported yet; the caller agrees across ranks whether any exist."""
-        return [b for b in bad if b[0] not in self.seen]
-
-    def add(self, mine, rank):
-        gathered = [mine]
-        if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, mine)
-        for i, why in sorted(set(b for part in gathered for b in part)):
-            if i not in self.seen and rank == 0:
-                print(f"unreadable image {self.data.files[i][0]} ({why}): replaced by the next readable file",
-                      file=sys.stderr, flush=True)
-            self.seen[i] = why
-        if len(self.seen) > self.limit:
-            first = ", ".join(self.data.files[i][0] for i in sorted(self.seen)[:5])
-            raise PurrError(f"{len(self.seen)} unreadable images in --data (more than {self.limit}), e.g. {first}: "
-                            "fix or remove them")
-
-
-# ----------------------------------------------------------------------------------------------
-# Appendix. Processes, precision and signals.
-
-def default_precision():
-    """bf16 where the hardware runs it fast: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
-    kernels (AVX512-BF16, AMX); elsewhere (an AVX2-only CPU runs bf16 matmuls ~30x slower) fp32."""
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes); NCCL on GPUs, gloo on CPUs.
-    TF32 matmuls for fp32 work on GPUs (train and sample alike)."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def agree(world, device, *flags):
-    """All ranks see the sum of each flag over ranks (one small all-reduce per step)."""
-    t = torch.tensor([float(f) for f in flags], device=device)
-    if world > 1:
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # preemption, scancel, time limits, Ctrl-C
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """Record SIGTERM/SIGINT/SIGUSR1 instead of dying: the loop finishes its step and saves."""
-    got = []
-    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
-    try:
-        yield got
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------------------------
-# Appendix. Checkpoints and logs.
-
-def checkpoint_paths(folder):
-    return sorted(glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True), key=os.path.getmtime)
-
-
-def load_checkpoint(path):
-    if path is None or not os.path.isfile(path):
-        raise PurrError(f"checkpoint {path} not found; pass --ckpt PATH to a .pt file saved by "
-                        "'purr.py train' (they live in results/<run>/checkpoints/)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        older = [p for p in checkpoint_paths(os.path.dirname(path)) if p != path]
-        hint = f"; the previous one is {older[-1]}" if older else ""
-        raise PurrError(f"checkpoint {path} cannot be read ({type(e).__name__}: it is truncated or not a "
-                        f"purr checkpoint){hint}") from None
-    missing = {"model", "ema", "args", "step", "vq"} - set(ckpt) if isinstance(ckpt, dict) else {"everything"}
-    if missing:
-        raise PurrError(f"{path} is not a purr checkpoint (no {', '.join(sorted(missing))})")
-    return ckpt
-
-
-def save_checkpoint(obj, path, keep=None):
-    """Atomic: write beside, then rename, so an interrupted or failed save never replaces a good
-    checkpoint. Then keep the newest `keep` checkpoints of the folder (all if None)."""
-    folder = os.path.dirname(path)
-    try:
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # disk full, read-only, quota: torch reports some as RuntimeError
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        previous = sorted(glob.glob(os.path.join(folder, "*.pt")))
-        raise PurrError(f"cannot write checkpoint {path} ({str(e).splitlines()[0]}); "
-                        f"{shutil.disk_usage(folder).free / 2 ** 30:.1f} GiB free there; the previous checkpoint "
-                        f"{previous[-1] if previous else '(none)'} is intact") from None
-    for old in sorted(glob.glob(os.path.join(folder, "*.pt")))[:-keep] if keep else []:
-        os.remove(old)
-
-
-def new_run_dir(results, model):
-    os.makedirs(results, exist_ok=True)
-    run = os.path.join(results, f"{len(glob.glob(os.path.join(results, '*'))):03d}-{model.replace('/', '-')}")
-    os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
-    return run
-
-
-def save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_saved):
-    """Rank 0 saves a checkpoint (never one of non-finite weights); every rank learns whether it worked."""
-    path, error = os.path.join(run, "checkpoints", f"{step:07d}.pt") if run else None, ""
-    if rank == 0:
-        try:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise PurrError(f"the weights are not finite at step {step}; not saving them; the last good checkpoint "
-                                f"is {last_saved or '(none)'}: resume from it with a lower --lr")
-            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                             "args": cfg, "step": step, "vq": tokenizer_spec(tok, cfg)}, path, cfg["keep"])
-            print(f"saved {path}", flush=True)
-        except PurrError as e:
-            error = str(e)
-    if agree(world, device, bool(error))[0]:
-        raise PurrError(error or "rank 0 could not save a checkpoint (see its message)")
-    return path
-
-
-def tokenizer_spec(tok, cfg):
-    """How sampling finds the tokenizer again: the tiny one travels whole, real ones by name and path."""
-    if tok.name == "tiny":
-        return {"name": "tiny", "config": tok.config(), "state": tok.state_dict()}
-    return {"name": cfg["vq"], "ckpt": os.path.abspath(cfg["vq_ckpt"])}
-
-
-class Log:
-    """Mean losses over ranks and steps since the last line; a line on stdout and in log.jsonl (rank 0)."""
-
-    def __init__(self, run, world, G, step):
-        self.run, self.world, self.G, self.last, self.sums, self.t0 = run, world, G, step, 0, time.time()
-
-    def add(self, step, losses, unreadable, final):
-        self.sums = self.sums + torch.stack(list(losses.values()))
-        if not final:
-            return
-        if self.world > 1:
-            torch.distributed.all_reduce(self.sums)
-        dt, n = time.time() - self.t0, step - self.last
-        rec = {"step": step, **dict(zip(losses, (self.sums / (self.world * n)).tolist())), "images": step * self.G,
-               "steps_per_s": n / dt, "images_per_s": self.G * n / dt, "unreadable": unreadable}
-        if self.run:
-            print("  ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
-            with open(os.path.join(self.run, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        self.sums, self.t0, self.last = 0, time.time(), step
-
-
-class Progress:
-    """`name: N/M unit, X unit/s, ETA ...` on stderr at most every `every` seconds and at the end. Rank 0
-    counts its own share and scales it to all ranks' (the shards are equal to within one batch)."""
-
-    def __init__(self, name, total, mine, unit, every=30.0):
-        self.name, self.total, self.scale, self.unit, self.every = name, total, total / max(mine, 1), unit, every
-        self.done, self.t0 = 0, time.time()
-        self.last = self.t0
-
-    def update(self, n):
-        self.done += n
-        now = time.time()
-        finished = round(self.done * self.scale) >= self.total
-        if now - self.last >= self.every or finished:
-            self.last, done, rate = now, min(round(self.done * self.scale), self.total), self.done * self.scale / (now - self.t0)
-            eta = "done" if finished else f"ETA {datetime.timedelta(seconds=round((self.total - done) / rate))}"
-            print(f"{self.name}: {done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {eta}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Appendix. Image outputs: grids, entropy maps, ADM sample batches.
-
-def save_grid(images, rows, path):
-    """uint8 [N,3,H,W] -> one PNG, `rows` rows (one per class), 2-pixel gaps."""
-    n, _, h, w = images.shape
-    cols = math.ceil(n / rows)
-    grid = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), np.uint8)
-    for i, im in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
-    Image.fromarray(grid).save(path)
-
-
-def heat(x, size):
-    """Values in [0, 1], [N,h,w] -> uint8 'hot' colour map [N,3,size,size] (black, red, yellow, white)."""
-    x = F.interpolate(x[:, None].float(), size=(size, size), mode="nearest")[:, 0]
-    return (255 * torch.stack([3 * x, 3 * x - 1, 3 * x - 2], 1).clamp(0, 1)).to(torch.uint8)
-
-
-def write_adm_npz(path, shards, labels):
-    """ADM's sample batch (arr_0: N x H x W x 3 uint8, arr_1: labels), streamed from the ranks' .npy
-    shards so that 50k images at 256^2 (9.8 GB) never sit in memory at once."""
-    arrays = [np.load(s, mmap_mode="r") for s in shards]
-    header = {"descr": "|u1", "fortran_order": False, "shape": (sum(map(len, arrays)), *arrays[0].shape[1:])}
-    with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for a in arrays:
-                for i in range(0, len(a), 256):
-                    f.write(np.ascontiguousarray(a[i:i + 256]).tobytes())
-        with zf.open("arr_1.npy", "w") as f:
-            np.lib.format.write_array(f, np.asarray(labels, np.int64))
-    os.replace(path + ".tmp", path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Appendix. `purr.py extract`: encode an image folder once.
+# `purr.py extract`: encode an image folder once.
 
 @torch.inference_mode()
 def extract(args):
@@ -1266,7 +854,7 @@ def token_folder(args, data, h, rank, world):
 
 
 # ----------------------------------------------------------------------------------------------
-# Appendix. `purr.py bench`: speed and memory on random tokens of ImageNet's shape.
+# `purr.py bench`: speed and memory on random tokens of ImageNet's shape.
 
 # Peak dense bf16 and TF32 tensor throughput (TFLOP/s) of common GPUs, for the MFU that bench prints.
 PEAK_TFLOPS = {"A100": (312, 156), "H100": (989, 494), "H200": (989, 494), "B200": (2250, 1100)}
@@ -1314,29 +902,8 @@ def bench(args):
           f"{tflops:.3g} TFLOP/s{f', MFU {100 * tflops / peak:.1f}%' if peak else ''}, {peak_memory(device)}")
 
 
-def timed(device, warmup, n, run, per_call=False):
-    """Milliseconds per unit of run(n) after run(warmup): the median of n single calls with per_call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    run(warmup)
-    times = []
-    for k in [1] * n if per_call else [n]:
-        sync()
-        t0 = time.perf_counter()
-        run(k)
-        sync()
-        times.append((time.perf_counter() - t0) / k)
-    return 1000 * float(np.median(times))
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB peak allocated"
-    import resource
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB peak RSS"
-
-
 # ----------------------------------------------------------------------------------------------
-# Appendix. The command line.
+# The command line.
 
 def default_help(k, text=""):
     demo, data = TRAIN_DEFAULTS[k]

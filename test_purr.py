@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import appendix
 import fid
 import purr
 import vq as vqlib
@@ -92,7 +93,7 @@ def glob_one(root, name):
 
 
 def final_state(root):
-    return torch.load(purr.checkpoint_paths(str(root))[-1], weights_only=True)
+    return torch.load(appendix.checkpoint_paths(str(root))[-1], weights_only=True)
 
 
 # --- DiT ------------------------------------------------------------------------------------------
@@ -280,17 +281,17 @@ def test_one_hot_posterior_returns_true_indices_and_never_evaluates_t_1(method):
 # --- Training on the built-in data --------------------------------------------------------------------
 
 def test_demo_data_is_deterministic_and_balanced():
-    a, la = purr.demo_dataset(40, seed=3)
-    b, lb = purr.demo_dataset(40, seed=3)
+    a, la = appendix.demo_dataset(40, seed=3)
+    b, lb = appendix.demo_dataset(40, seed=3)
     assert a.dtype == torch.uint8 and a.shape == (40, 3, 32, 32) and torch.equal(a, b) and torch.equal(la, lb)
     assert torch.bincount(la).tolist() == [4] * 10
-    assert not torch.equal(a, purr.demo_dataset(40, seed=4)[0])
+    assert not torch.equal(a, appendix.demo_dataset(40, seed=4)[0])
 
 
 def test_global_batch_plan_is_a_permutation_per_epoch():
-    seen = torch.cat([purr.global_batch_plan(10, s, 5, seed=1)[0] for s in range(2)])
+    seen = torch.cat([appendix.global_batch_plan(10, s, 5, seed=1)[0] for s in range(2)])
     assert sorted(seen.tolist()) == list(range(10))
-    assert torch.equal(purr.global_batch_plan(10, 1, 5, 1)[0], purr.global_batch_plan(10, 1, 5, 1)[0])
+    assert torch.equal(appendix.global_batch_plan(10, 1, 5, 1)[0], appendix.global_batch_plan(10, 1, 5, 1)[0])
 
 
 @pytest.mark.slow  # trains or starts torchrun
@@ -399,7 +400,7 @@ def test_demo_metric_scores_real_images_well_and_degraded_ones_badly(tmp_path):
     sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     import demo_metric
     clf = demo_metric.load_classifier(str(tmp_path / "clf.pt"), n_ref=1000, n=2000, epochs=4)
-    images, labels = purr.demo_dataset(500, seed=3)
+    images, labels = appendix.demo_dataset(500, seed=3)
     fd, acc = demo_metric.demo_fd_and_accuracy(clf, images, labels)
     assert acc > 0.95 and demo_metric.demo_fd_and_accuracy(clf, images, labels.roll(1))[1] < 0.05
     blocky = F.interpolate(F.interpolate(images.float(), size=8, mode="area"), size=32).to(torch.uint8)
@@ -451,7 +452,7 @@ def test_truncated_checkpoint_is_a_clear_error_and_the_previous_survives(tmp_pat
     assert_one_line_error(run_cli("sample", "--ckpt", last), "cannot be read", "truncated", first)
     assert_one_line_error(run_cli("train", "--resume", "--results-dir", str(tmp_path), "--demo-size", "200"),
                           "truncated", first)
-    assert purr.load_checkpoint(first)["step"] == 1
+    assert appendix.load_checkpoint(first)["step"] == 1
     assert_one_line_error(run_cli("train", "--resume", first, "--model", "T/1", "--results-dir", str(tmp_path),
                                   "--demo-size", "200"), "--model N/4", "resume with the same")
 
@@ -460,11 +461,11 @@ def test_truncated_checkpoint_is_a_clear_error_and_the_previous_survives(tmp_pat
 def image_folder(tmp_path_factory):
     """Demo images as PNG files in ImageNet layout, and a tiny tokenizer file fitted on them."""
     root = tmp_path_factory.mktemp("imgs")
-    images, labels = purr.demo_dataset(40, seed=5)
+    images, labels = appendix.demo_dataset(40, seed=5)
     for i, (x, y) in enumerate(zip(images, labels)):
-        os.makedirs(root / "data" / purr.DEMO_CLASSES[y], exist_ok=True)
-        Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / "data" / purr.DEMO_CLASSES[y] / f"{i:03d}.png")
-    tok = vqlib.fit_tiny(purr.to_unit(images), codebook_size=64, iters=5)
+        os.makedirs(root / "data" / appendix.DEMO_CLASSES[y], exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / "data" / appendix.DEMO_CLASSES[y] / f"{i:03d}.png")
+    tok = vqlib.fit_tiny(appendix.to_unit(images), codebook_size=64, iters=5)
     torch.save({"name": "tiny", "config": tok.config(), "state": tok.state_dict()}, root / "tiny.pt")
     return root
 
@@ -483,7 +484,7 @@ def test_sigterm_saves_exits_0_and_resume_equals_no_interruption(tmp_path):
             break
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    reached = purr.load_checkpoint(purr.checkpoint_paths(str(tmp_path / "cut"))[-1])["step"]
+    reached = appendix.load_checkpoint(appendix.checkpoint_paths(str(tmp_path / "cut"))[-1])["step"]
     assert 3 <= reached < 40 and f"stopped by signal at step {reached}/40" in out and "--resume" in out
     assert run_cli("train", "--steps", "40", "--resume", "--results-dir", str(tmp_path / "cut"), *common).returncode == 0
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "cut")
@@ -497,8 +498,8 @@ def test_non_finite_loss_stops_with_one_line_and_no_bad_checkpoint(tmp_path):
     proc = run_cli("train", "--steps", "30", "--ckpt-every", "1", "--lr", "1e12", "--global-batch-size", "8",
                    "--demo-size", "200", "--results-dir", str(tmp_path))
     assert_one_line_error(proc, "not finite at step", "last good checkpoint")
-    saved = purr.checkpoint_paths(str(tmp_path))
-    assert saved and all(torch.isfinite(v).all() for p in saved for v in purr.load_checkpoint(p)["model"].values())
+    saved = appendix.checkpoint_paths(str(tmp_path))
+    assert saved and all(torch.isfinite(v).all() for p in saved for v in appendix.load_checkpoint(p)["model"].values())
     assert os.path.basename(saved[-1]) in proc.stderr
 
 
@@ -516,7 +517,7 @@ def test_save_into_a_full_disk_is_one_line_and_keeps_the_previous(tmp_path):
     os.symlink("/dev/full", os.path.join(run, "checkpoints", "0000002.pt.tmp"))  # writes fail with ENOSPC
     proc = run_cli("train", "--steps", "2", "--resume", "--results-dir", str(tmp_path), "--demo-size", "200")
     assert_one_line_error(proc, "cannot write checkpoint", "0000002.pt", "GiB free", "0000001.pt is intact")
-    assert purr.load_checkpoint(first)["step"] == 1 and not os.path.lexists(first.replace("1.pt", "2.pt.tmp"))
+    assert appendix.load_checkpoint(first)["step"] == 1 and not os.path.lexists(first.replace("1.pt", "2.pt.tmp"))
 
 
 @pytest.mark.slow  # trains or starts torchrun
@@ -563,10 +564,10 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients():
 
 def damaged_folder(root):
     """Demo PNGs in ImageNet layout, with a truncated JPEG, an empty file, a CMYK JPEG and a palette PNG."""
-    images, labels = purr.demo_dataset(24, seed=7)
+    images, labels = appendix.demo_dataset(24, seed=7)
     for i, (x, y) in enumerate(zip(images, labels)):
-        os.makedirs(root / purr.DEMO_CLASSES[y], exist_ok=True)
-        Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / purr.DEMO_CLASSES[y] / f"{i:03d}.png")
+        os.makedirs(root / appendix.DEMO_CLASSES[y], exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / appendix.DEMO_CLASSES[y] / f"{i:03d}.png")
     im = Image.fromarray(images[0].permute(1, 2, 0).numpy())
     im.save(root / "circle" / "truncated.JPEG", quality=95)
     data = (root / "circle" / "truncated.JPEG").read_bytes()
@@ -633,11 +634,11 @@ def test_extract_tokens_equal_direct_encoding_and_train_the_same(image_folder, t
     purr.main(["extract", "--data", data, "--vq", "tiny", "--vq-ckpt", tiny, "--out", str(tmp_path / "tok"),
                "--image-size", "32", "--batch-size", "16", "--num-workers", "0"])
     tokens = np.load(tmp_path / "tok" / "tokens.npy")
-    folder, tok = purr.ImageFolder(data, 32), vqlib.load_tokenizer("tiny", tiny)
+    folder, tok = appendix.ImageFolder(data, 32), vqlib.load_tokenizer("tiny", tiny)
     x = torch.stack([folder[(i, 0)][0] for i in range(len(folder))])
     assert tokens.dtype == np.uint16 and tokens.shape == (40, 2, 8, 8)
-    assert np.array_equal(tokens[:, 0], tok.encode(purr.to_unit(x)).numpy())
-    assert np.array_equal(tokens[:, 1], tok.encode(purr.to_unit(x.flip(3))).numpy())
+    assert np.array_equal(tokens[:, 0], tok.encode(appendix.to_unit(x)).numpy())
+    assert np.array_equal(tokens[:, 1], tok.encode(appendix.to_unit(x.flip(3))).numpy())
     assert np.array_equal(np.load(tmp_path / "tok" / "labels.npy"), folder.labels.numpy())
     first = []
     for src in (data, str(tmp_path / "tok")):
@@ -676,8 +677,8 @@ def test_bench_prints_step_time_throughput_flops_and_memory(capsys):
 
 def test_precision_default_follows_the_hardware():
     fast = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert purr.default_precision() == ("bf16" if fast else "fp32")
-    assert purr.parser().parse_args(["sample"]).precision == purr.default_precision()
+    assert appendix.default_precision() == ("bf16" if fast else "fp32")
+    assert purr.parser().parse_args(["sample"]).precision == appendix.default_precision()
 
 
 def test_bf16_training_step_matches_fp32():
@@ -853,14 +854,14 @@ def test_class_dropout_0_gives_the_model_the_true_labels(tmp_path, monkeypatch):
     seen, real = [], purr.train_step
     monkeypatch.setattr(purr, "train_step", lambda m, o, micro, *r: seen.append(micro) or real(m, o, micro, *r))
     fast_demo_train(tmp_path, "--steps", "1", "--class-dropout", "0")
-    idx, _ = purr.global_batch_plan(100, 0, 8, 0)
+    idx, _ = appendix.global_batch_plan(100, 0, 8, 0)
     assert torch.equal(torch.cat([b.y for b in seen[0]]), idx % 10)  # demo labels: index mod 10
 
 
 @pytest.mark.slow  # trains or starts torchrun
 def test_train_ema_after_one_step_is_decay_times_start_plus_the_rest(interrupted_run):
     run, _, start, _ = interrupted_run
-    ckpt = purr.load_checkpoint(os.path.join(run, "checkpoints", "0000001.pt"))
+    ckpt = appendix.load_checkpoint(os.path.join(run, "checkpoints", "0000001.pt"))
     for k, v in ckpt["model"].items():
         assert torch.allclose(ckpt["ema"][k], 0.75 * start[k] + 0.25 * v, atol=1e-6), k
     assert not torch.equal(ckpt["model"]["final_layer.linear.weight"], start["final_layer.linear.weight"])
@@ -870,7 +871,7 @@ def test_train_ema_after_one_step_is_decay_times_start_plus_the_rest(interrupted
 def test_signal_in_train_finishes_the_step_saves_and_stops(interrupted_run):
     run, seen, _, out = interrupted_run
     assert len(seen) == 1 and os.listdir(os.path.join(run, "checkpoints")) == ["0000001.pt"]
-    assert purr.load_checkpoint(os.path.join(run, "checkpoints", "0000001.pt"))["step"] == 1
+    assert appendix.load_checkpoint(os.path.join(run, "checkpoints", "0000001.pt"))["step"] == 1
     assert "stopped by signal at step 1/3" in out
 
 
@@ -879,7 +880,7 @@ def test_stop_requests_records_signals_and_restores_handlers():
     guard = lambda signum, frame: outside.append(signum)  # noqa: E731 (no signal may reach the default handler)
     original = {s: signal.signal(s, guard) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
-        with purr.stop_requests() as got:
+        with appendix.stop_requests() as got:
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 os.kill(os.getpid(), s)
         assert got == [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1] and outside == []
@@ -974,8 +975,8 @@ def test_draw_noise_slices_one_draw_per_step_of_the_global_batch():
 
 
 def test_rank_batches_slice_the_global_batch_plan():
-    idx, flip = purr.global_batch_plan(50, 2, 8, 1)
-    ranks = [list(purr.RankBatches(50, 2, 3, 8, r, 2, 1)) for r in range(2)]
+    idx, flip = appendix.global_batch_plan(50, 2, 8, 1)
+    ranks = [list(appendix.RankBatches(50, 2, 3, 8, r, 2, 1)) for r in range(2)]
     assert ranks[0][0] + ranks[1][0] == list(zip(idx.tolist(), flip.tolist()))
 
 
@@ -983,7 +984,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """torch.save failing half-way (as a full disk or a quota makes it fail) leaves the previous checkpoint,
     and nothing at all, under the new file's final name or beside it."""
     first, second = str(tmp_path / "0000001.pt"), str(tmp_path / "0000002.pt")
-    purr.save_checkpoint({"step": 1}, first)
+    appendix.save_checkpoint({"step": 1}, first)
     real = torch.save
 
     def half_save(obj, f, *args, **kwargs):
@@ -993,8 +994,8 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file data/0")
     monkeypatch.setattr(torch, "save", half_save)
     for path in (second, first):  # a new name, and over an existing checkpoint
-        with pytest.raises(purr.PurrError, match="cannot write checkpoint.*0000001.pt is intact"):
-            purr.save_checkpoint({"step": 2, "big": torch.zeros(1000)}, path)
+        with pytest.raises(appendix.PurrError, match="cannot write checkpoint.*0000001.pt is intact"):
+            appendix.save_checkpoint({"step": 2, "big": torch.zeros(1000)}, path)
         assert sorted(os.listdir(tmp_path)) == ["0000001.pt"]
         assert torch.load(first, weights_only=True) == {"step": 1}
 
@@ -1011,7 +1012,16 @@ def test_center_crop_equals_adms_center_crop_arr():
     x = ((smooth_images(1, 64)[0] + torch.rand(3, 64, 64) * 0.3).permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5
     im = Image.fromarray(x.round().byte().numpy()).resize((150, 97))
     for size in (40, 64):  # with and without halving first
-        assert np.array_equal(purr.center_crop(im, size), adm(im, size))
+        assert np.array_equal(appendix.center_crop(im, size), adm(im, size))
+
+
+@pytest.mark.parametrize("module, never", [("vq", ("fid", "purr")), ("fid", ("vq", "purr")), ("appendix", ("vq", "fid", "purr"))])
+def test_dependencies_run_one_way(module, never):
+    """The tokenizers, FID and the plumbing stand alone: the crop and image extensions they share live in
+    appendix.py, which knows nothing of the method."""
+    code = f"import sys, {module}; print(' '.join(m for m in {never!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    assert out.split() == []
 
 
 # --- vq.py: the official tokenizers against the original code's outputs (random weights, ch = 32) ----------
@@ -1363,9 +1373,9 @@ def test_center_crop_converts_to_rgb_before_resizing():
     """ADM converts to RGB first: a palette image resized as it is would be resized nearest-neighbour."""
     x = (smooth_images(1, 64)[0].permute(1, 2, 0) + 1) * 127.5
     palette = Image.fromarray(x.round().byte().numpy()).resize((96, 64)).quantize(64)  # 'P', 96x64
-    out = purr.center_crop(palette, 40)
+    out = appendix.center_crop(palette, 40)
     assert out.shape == (40, 40, 3) and out.dtype == np.uint8
-    assert np.array_equal(out, purr.center_crop(palette.convert("RGB"), 40))
+    assert np.array_equal(out, appendix.center_crop(palette.convert("RGB"), 40))
 
 
 def test_fid_cli_empty_folder_errors_cleanly(tmp_path):

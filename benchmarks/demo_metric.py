@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fid  # noqa: E402
-import purr  # noqa: E402
+import appendix  # noqa: E402
 
 TRAIN_SEED, HELD_OUT_SEED = 1, 2
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "demo_classifier.pt")
@@ -33,7 +33,7 @@ class Classifier(nn.Module):
     The features are taken before the ReLU, so no unit is constantly 0 and their covariance has full
     rank. The real held-out statistics (ref_mu, ref_sigma) are buffers: the cache file carries them."""
 
-    def __init__(self, feat=64, classes=len(purr.DEMO_CLASSES)):
+    def __init__(self, feat=64, classes=len(appendix.DEMO_CLASSES)):
         super().__init__()
         self.body = nn.Sequential(conv(3, 32), conv(32, 32), nn.MaxPool2d(2), conv(32, 64), conv(64, 64), nn.MaxPool2d(2),
                                   conv(64, 128), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * 16, feat))
@@ -48,13 +48,13 @@ class Classifier(nn.Module):
 
 def train_classifier(n=8000, epochs=4, batch=128, seed=0):
     torch.manual_seed(seed)
-    images, labels = purr.demo_dataset(n, seed=TRAIN_SEED)
+    images, labels = appendix.demo_dataset(n, seed=TRAIN_SEED)
     clf = Classifier()
     opt = torch.optim.Adam(clf.parameters(), 2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (n // batch))
     for _ in range(epochs):
         for idx in torch.randperm(n)[:n // batch * batch].view(-1, batch):
-            loss = F.cross_entropy(clf(purr.to_unit(images[idx]))[1], labels[idx])
+            loss = F.cross_entropy(clf(appendix.to_unit(images[idx]))[1], labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -65,7 +65,7 @@ def train_classifier(n=8000, epochs=4, batch=128, seed=0):
 @torch.no_grad()
 def features_and_predictions(clf, images, batch=500):
     """uint8 [N,3,32,32] -> (float64 features [N,64], predicted labels [N])."""
-    out = [clf(purr.to_unit(images[i:i + batch])) for i in range(0, len(images), batch)]
+    out = [clf(appendix.to_unit(images[i:i + batch])) for i in range(0, len(images), batch)]
     return torch.cat([f for f, _ in out]).double().numpy(), torch.cat([l.argmax(1) for _, l in out])
 
 
@@ -80,7 +80,7 @@ def load_classifier(cache=None, n_ref=2000, **train):
         return clf.eval()
     t0 = time.time()
     clf = train_classifier(**train)
-    images, labels = purr.demo_dataset(n_ref, seed=HELD_OUT_SEED)
+    images, labels = appendix.demo_dataset(n_ref, seed=HELD_OUT_SEED)
     feats, pred = features_and_predictions(clf, images)
     ref = fid.moments(feats)
     clf.ref_mu.copy_(torch.from_numpy(ref["mu"]))
@@ -124,6 +124,6 @@ if __name__ == "__main__":
         fd, acc = demo_fd_and_accuracy(clf, *load_samples(a.samples))
         print(f"demo FD {fd:.2f}  accuracy {acc:.4f}")
     else:
-        images, labels = purr.demo_dataset(2000, seed=HELD_OUT_SEED + 1)
+        images, labels = appendix.demo_dataset(2000, seed=HELD_OUT_SEED + 1)
         fd, acc = demo_fd_and_accuracy(clf, images, labels)
         print(f"fresh real demo images (seed {HELD_OUT_SEED + 1}, 2000): accuracy {acc:.4f}, FD {fd:.3f}")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import appendix  # noqa: E402
 import purr  # noqa: E402
 import vq as vqlib  # noqa: E402
 from demo_metric import HELD_OUT_SEED, demo_fd_and_accuracy, load_classifier  # noqa: E402
@@ -84,8 +85,8 @@ def checkpoints(run):
 def floors(tok, clf, n):
     """The metric on real held-out images, and on the same images through the tokenizer (no generator in
     this token space can beat the second)."""
-    images, labels = purr.demo_dataset(n, seed=HELD_OUT_SEED + 1)
-    recon = vqlib.to_uint8(tok.decode(tok.encode(purr.to_unit(images))))
+    images, labels = appendix.demo_dataset(n, seed=HELD_OUT_SEED + 1)
+    recon = vqlib.to_uint8(tok.decode(tok.encode(appendix.to_unit(images))))
     return {"real": demo_fd_and_accuracy(clf, images, labels), "tokenizer": demo_fd_and_accuracy(clf, recon, labels)}
 
 
@@ -306,7 +307,7 @@ def tau_grid(sampler, clf, num_steps, out):
     a = sampler[2]
     z0 = torch.randn(20, a["latent_channels"], a["latent_size"], a["latent_size"], generator=torch.Generator().manual_seed(1))
     grid = torch.cat([evaluate(sampler, clf, tau, 20, num_steps, z0=z0)[3] for tau in GRID_TAUS])
-    purr.save_grid(grid, len(GRID_TAUS), out("tau_grid.png"))
+    appendix.save_grid(grid, len(GRID_TAUS), out("tau_grid.png"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ model = purr.build_model(a).eval()
 codebook, B = torch.randn(16384, 8), args.batch_size
 y, z0 = torch.randint(0, 1000, (B,)), torch.randn(B, 8, 32, 32)
 purr.sample_latents(model, codebook, y[:1], z0[:1], 0.8, args.cfg_scale, 1)  # warm: allocator, kernels
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 before = rss()
 purr.sample_latents(model, codebook, y, z0, 0.8, args.cfg_scale, 1)
 K_wide = B * 32 * 32 * 16384 * 4 / 2 ** 30

@@ -53,9 +53,11 @@ MUTATIONS = [
              "logits.gather(1, c[:, None])[:, 0]", "logits.gather(0, c[:, None])[:, 0]", LOSS),
     # Eq. 13: v = (mu - z_t) / (1 - t), mu = sum_k pi_k e_k.
     Mutation("velocity_sign", "purr.py",
-             "return (network(model, z, t, y, cfg_scale, mu) - z) / (1 - t)", "return (z - network(model, z, t, y, cfg_scale, mu)) / (1 - t)", SAMPLER),
+             "return (network(model, z, t, y, cfg_scale, mu) - z) / (1 - t)",
+             "return (z - network(model, z, t, y, cfg_scale, mu)) / (1 - t)", SAMPLER),
     Mutation("velocity_times_one_minus_t", "purr.py",
-             "return (network(model, z, t, y, cfg_scale, mu) - z) / (1 - t)", "return (network(model, z, t, y, cfg_scale, mu) - z) * (1 - t)", SAMPLER),
+             "return (network(model, z, t, y, cfg_scale, mu) - z) / (1 - t)",
+             "return (network(model, z, t, y, cfg_scale, mu) - z) * (1 - t)", SAMPLER),
     # Algorithm 2 as a loop: t = s/T for s = 0..T-1, steps of 1/T; Eq. 15 with tau(t).
     Mutation("euler_loop_time_shifted", "purr.py", "z = z + v(s / T, z) / T", "z = z + v((s + 1) / T - 1e-3, z) / T", SAMPLER),
     Mutation("tau_schedule_reversed", "purr.py", "return lambda t: tau + (tau_end - tau) * t",
@@ -120,7 +122,7 @@ MUTATIONS = [
              "self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)",
              "self.y_embedder = nn.Embedding(num_classes, hidden_size)", DIT),
     # DDP: each rank takes its slice of the global batch (data and noise alike).
-    Mutation("rank_data_strided", "purr.py",
+    Mutation("rank_data_strided", "appendix.py",
              "mine = slice(self.rank * b, (self.rank + 1) * b)", "mine = slice(self.rank, None, self.world)", DDP),
     Mutation("rank_noise_not_sliced", "purr.py",
              "y.to(device), step, slice(rank * b, (rank + 1) * b), n_micro)", "y.to(device), step, slice(0, b), n_micro)", DDP),
@@ -136,19 +138,19 @@ MUTATIONS = [
              "batch_sampler=RankBatches(len(data), step, steps,", "batch_sampler=RankBatches(len(data), 0, steps - step,",
              RESUME),
     # Atomic saves: write beside, os.replace; a failed save removes its temporary file.
-    Mutation("save_in_place", "purr.py",
+    Mutation("save_in_place", "appendix.py",
              'torch.save(obj, path + ".tmp")\n        os.replace(path + ".tmp", path)', "torch.save(obj, path)", SAVE),
-    Mutation("save_catches_only_oserror", "purr.py",
+    Mutation("save_catches_only_oserror", "appendix.py",
              "except (OSError, RuntimeError) as e:  # disk full", "except OSError as e:  # disk full", SAVE),
-    Mutation("save_leaves_tmp", "purr.py",
+    Mutation("save_leaves_tmp", "appendix.py",
              'os.remove(path + ".tmp")\n        previous', 'pass\n        previous', SAVE),
     # Signals: recorded by stop_requests, then the loop saves and stops.
     Mutation("signal_flag_ignored", "purr.py",
              "agree(world, device, bool(stop), not torch.isfinite", "agree(world, device, False, not torch.isfinite",
              SIGNALS),
-    Mutation("signal_handlers_not_restored", "purr.py",
+    Mutation("signal_handlers_not_restored", "appendix.py",
              "            signal.signal(s, handler)\n", "            pass\n", SIGNALS),
-    Mutation("sigusr1_not_handled", "purr.py",
+    Mutation("sigusr1_not_handled", "appendix.py",
              "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)", "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)",
              SIGNALS),
     Mutation("stop_without_saving", "purr.py",
@@ -198,10 +200,10 @@ MUTATIONS = [
     Mutation("fid_requires_num_batches_tracked", "fid.py",
              'want = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}',
              "want = {k: v.shape for k, v in model.state_dict().items()}", FID),
-    Mutation("crop_bilinear", "purr.py",
+    Mutation("crop_bilinear", "appendix.py",
              "img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)",
              "img.resize(tuple(round(x * scale) for x in img.size), Image.BILINEAR)", CROP),
-    Mutation("crop_no_box_halving", "purr.py", "Image.BOX)", "Image.BICUBIC)", CROP),
+    Mutation("crop_no_box_halving", "appendix.py", "Image.BOX)", "Image.BICUBIC)", CROP),
 ]
 
 
