@@ -584,16 +584,6 @@ def resolve_config(args, ckpt):
     return cfg, changed
 
 
-def latent_shape(cfg, data, tok):
-    """What the data and tokenizer fix: latent size and channels, codebook size, number of classes."""
-    probe = data[(0, 0)][0]
-    size = probe.shape[-1] // (tok.downsample if probe.dim() == 3 else 1)
-    if size % int(cfg["model"].split("/")[1]):
-        raise PurrError(f"--model {cfg['model']}: the latent size {size} is not divisible by its patch size")
-    return {"latent_size": size, "latent_channels": tok.codebook.shape[1], "codebook_size": len(tok.codebook),
-            "num_classes": data.num_classes}
-
-
 def open_data(cfg, device):
     """The training data and the frozen tokenizer. With no --data: the built-in demo images, a tiny
     tokenizer fitted on them (DEMO_TOKENIZER), and all images (and flips) encoded once."""
@@ -618,6 +608,16 @@ def open_tokens(folder, vq_ckpt, device):
     labels = np.load(os.path.join(folder, "labels.npy"))
     tok = vqlib.load_tokenizer(meta["vq"], vq_ckpt or meta["vq_ckpt"]).to(device)
     return TokenFolder(tokens, labels, len(meta["classes"])), tok
+
+
+def latent_shape(cfg, data, tok):
+    """What the data and tokenizer fix: latent size and channels, codebook size, number of classes."""
+    probe = data[(0, 0)][0]
+    size = probe.shape[-1] // (tok.downsample if probe.dim() == 3 else 1)
+    if size % int(cfg["model"].split("/")[1]):
+        raise PurrError(f"--model {cfg['model']}: the latent size {size} is not divisible by its patch size")
+    return {"latent_size": size, "latent_channels": tok.codebook.shape[1], "codebook_size": len(tok.codebook),
+            "num_classes": data.num_classes}
 
 
 def build_model(a):
