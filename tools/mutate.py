@@ -28,8 +28,8 @@ Mutation = namedtuple("Mutation", "name file old new tests")
 # The test selections, by what they check (names of test_purr.py's tests).
 DIT = "test_unpatchify or test_cfg_guides or test_dit_emits or test_dit_condition"
 LOSS = "test_loss_equals_hand or test_training_loss_equals_the_formula or test_bf16_loss_gradient or test_purr_training_loss"
-SAMPLER = ("test_euler_sampler or test_last_euler_step or test_small_tau or test_one_hot_posterior "
-           "or test_baseline_samplers")
+SAMPLER = ("test_euler_sampler or test_last_euler_step or test_torchdiffeq_euler or test_small_tau "
+           "or test_one_hot_posterior or test_baseline_samplers")
 TRAIN_RUN = "test_class_dropout or test_train_ema or test_signal_in_train"
 SPLITS = "test_train_step_accumulates or test_three_splits"
 DDP = "test_draw_noise_slices or test_rank_batches_slice or test_two_processes"
