@@ -6,11 +6,11 @@ categorical posterior pi over the K codebook vectors at every position (Eq. 12),
 cross-entropy against c (Eq. 14). Sampling integrates the velocity (mu - z_t)/(1 - t) with
 mu = sum_k pi_k e_k (Eq. 13), pi = softmax(logits / tau) (Eq. 15), then decodes the nearest codes.
 
-Reading order: the DiT; Purrception (embed, interpolant, Eq. 14 in purr_loss_formula, Algorithm 1's loss
-in purr_training_loss, Eq. 13 and 15 in posterior_mean and purr_velocity, Algorithm 2 in algorithm2); the
-baselines; training (TRAIN_DEFAULTS, train); sampling (sample); then extract, bench and the command line.
-The plumbing around them (data and the batch plan, processes and signals, checkpoints, logs, image
-outputs) is in appendix.py.
+Reading order: the DiT; Purrception (embed, interpolant, Eq. 14 in purr_loss_formula, Algorithm 1's loss in
+purr_training_loss, Eq. 12 and 15 in posterior, Eq. 13 in posterior_mean and purr_velocity, Algorithm 2 in
+algorithm2); the baselines; training (TRAIN_DEFAULTS, train); sampling (sample); then extract, bench and the
+command line. The plumbing around them (data and the batch plan, processes and signals, checkpoints, logs,
+image outputs) is in appendix.py.
 
     python purr.py train                      # built-in demo data + tiny tokenizer, a few CPU minutes
     python purr.py sample --tau 0.8           # grid of samples from the newest checkpoint
@@ -266,13 +266,19 @@ def purr_training_loss(model, b, codebook, z_weight):
 POSITIONS_PER_CHUNK = 4096  # rows of logits turned into fp32 at once by posterior_mean and entropy
 
 
+def posterior(logits, tau):
+    """pi = softmax(logits / tau) (Eq. 15), in fp32: the categorical posterior q(c | z_t) = Cat(c | pi) of Eq. 12
+    at every position. logits [..., K]."""
+    return torch.softmax(logits.float() / tau, -1)
+
+
 def posterior_mean(logits, codebook, tau):
-    """mu = sum_k pi_k e_k (Eq. 13) with pi = softmax(logits / tau) (Eq. 15). logits [..., K] -> mu [..., d].
+    """mu = sum_k pi_k e_k (Eq. 13) with pi = posterior(logits, tau). logits [..., K] -> mu [..., d].
     In fp32 whatever the autocast, and by chunks of positions: a guided XL/2 batch of 64 at K = 16384
     has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
     flat = logits.reshape(-1, logits.shape[-1])
     with torch.autocast(logits.device.type, enabled=False):
-        mu = torch.cat([torch.softmax(l.float() / tau, -1) @ codebook.float() for l in flat.split(POSITIONS_PER_CHUNK)])
+        mu = torch.cat([posterior(l, tau) @ codebook.float() for l in flat.split(POSITIONS_PER_CHUNK)])
     return mu.view(*logits.shape[:-1], -1)
 
 
@@ -389,7 +395,7 @@ def sample_dfm(model, codebook, y, shape, tau=1.0, cfg_scale=1.0, num_steps=100,
     for s in range(T):
         t = s / T
         logits = model.forward_with_cfg(dfm_input(x, codebook), torch.full((len(x),), t, device=x.device), y, cfg_scale)
-        x1 = torch.multinomial(torch.softmax(logits.float().reshape(-1, K) / temperature(tau, t), -1), 1).view(shape)
+        x1 = torch.multinomial(posterior(logits.reshape(-1, K), temperature(tau, t)), 1).view(shape)
         if s == T - 1:
             return x1
         jump = torch.rand(shape, device=x.device) < 1 - math.exp(-dfm_rate(t, n) / T)

@@ -44,7 +44,7 @@ CROP = "test_center_crop or test_fid_cli_bad_inputs"
 MUTATIONS = [
     # Eq. 12: the categorical posterior over codes, from K logits per latent position.
     Mutation("posterior_softmax_over_positions", "purr.py",
-             "torch.softmax(l.float() / tau, -1) @ codebook.float()", "torch.softmax(l.float() / tau, 0) @ codebook.float()",
+             "return torch.softmax(logits.float() / tau, -1)", "return torch.softmax(logits.float() / tau, 0)",
              SAMPLER),
     Mutation("unpatchify_transposed", "purr.py",
              "x.view(B, g, g, p, p, C).permute(0, 1, 3, 2, 4, 5)", "x.view(B, g, g, p, p, C).permute(0, 1, 2, 3, 4, 5)",
@@ -75,7 +75,7 @@ MUTATIONS = [
              "c[s:e]] -= g_ce[s:e]", "c[s:e]] -= w[s:e]", LOSS),
     # Eq. 15: pi = softmax(logits / tau).
     Mutation("tau_multiplies", "purr.py",
-             "torch.softmax(l.float() / tau, -1) @ codebook.float()", "torch.softmax(l.float() * tau, -1) @ codebook.float()",
+             "return torch.softmax(logits.float() / tau, -1)", "return torch.softmax(logits.float() * tau, -1)",
              SAMPLER),
     Mutation("entropy_ignores_tau", "purr.py",
              "torch.log_softmax(l.float() / tau, -1)", "torch.log_softmax(l.float(), -1)",
