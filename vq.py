@@ -470,7 +470,7 @@ def load_image(path, size):
     """ADM's center crop to size x size (the same as training's), as a [1,3,size,size] tensor in [-1, 1]."""
     from PIL import Image
 
-    from appendix import center_crop  # the training crop
+    from appendix import center_crop
     with Image.open(path) as im:
         x = torch.from_numpy(center_crop(im, size).astype(np.float32)).permute(2, 0, 1)[None]
     return x / 127.5 - 1
