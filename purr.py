@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import types
 
@@ -35,9 +36,9 @@ import torch.nn.functional as F
 import fid
 import vq as vqlib
 from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder, Unreadable, agree,
-                      checkpoint_paths, collate, default_precision, demo_dataset, heat, load_checkpoint, new_run_dir,
-                      peak_memory, save_grid, save_run, setup_distributed, split_batch, stop_requests, timed, to_unit,
-                      write_adm_npz)
+                      checkpoint_paths, collate, default_precision, demo_dataset, heat, keep_freed_memory,
+                      load_checkpoint, new_run_dir, peak_memory, save_grid, save_run, setup_distributed, split_batch,
+                      stop_requests, timed, to_unit, write_adm_npz)
 
 
 # ==============================================================================================
@@ -117,8 +118,10 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """Input z [B,d,H,W], time t [B] in [0,1], labels y [B] (y = num_classes is the null class of
-    classifier-free guidance; the training loop drops labels). Output [B,H,W,out] channels-last:
-    out = K logits per position (Purrception, DFM) or d channels (the CFM baselines)."""
+    classifier-free guidance; the training loop drops labels). Output in token order [B, tokens, p*p, out],
+    each token's p x p latent positions (unpatchify puts them in latent order): out = K logits per position
+    (Purrception, DFM) or d channels (the CFM baselines). Losses and mu are per position, so they work in
+    token order and never copy the K-wide logits into image order."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, num_classes=1000, codebook_size=16384, out_channels=None):
@@ -153,8 +156,7 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def patches(self, z, t, y):
-        """The outputs in token order: [B, tokens, p*p, out], each token's p x p latent positions."""
+    def forward(self, z, t, y):
         x = self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
@@ -164,27 +166,27 @@ class DiT(nn.Module):
                 x = block(x, c)
         return self.final_layer(x, c).unflatten(2, (self.patch ** 2, -1))
 
-    def unpatchify(self, x):
-        """[B, tokens, p*p, C] -> [B, H, W, C], channels-last."""
-        B, N, _, C = x.shape
-        g, p = math.isqrt(N), self.patch
-        return x.view(B, g, g, p, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g * p, g * p, C)
-
-    def forward(self, z, t, y):
-        return self.unpatchify(self.patches(z, t, y))
-
-    def forward_with_cfg(self, z, t, y, cfg_scale, head=None):
-        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u).
-        `head` maps each position's output before unpatchifying: the sampler's mu has d channels, not K,
-        so it never copies the K logits into image order."""
+    def forward_with_cfg(self, z, t, y, cfg_scale):
+        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u)."""
         if cfg_scale == 1.0:
-            out = self.patches(z, t, y)
-        else:
-            null = torch.full_like(y, self.num_classes)
-            cond, uncond = self.patches(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-            # In place when sampling (no autograd), so guidance adds no K-wide tensor.
-            out = torch.lerp(uncond, cond, cfg_scale) if torch.is_grad_enabled() else uncond.lerp_(cond, cfg_scale)
-        return self.unpatchify(head(out) if head else out)
+            return self(z, t, y)
+        null = torch.full_like(y, self.num_classes)
+        cond, uncond = self(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        # In place when sampling (no autograd), so guidance adds no K-wide tensor.
+        return torch.lerp(uncond, cond, cfg_scale) if torch.is_grad_enabled() else uncond.lerp_(cond, cfg_scale)
+
+
+def unpatchify(x):
+    """Token order [B, tokens, p*p, C] -> latent order [B, C, H, W]."""
+    B, N, pp, C = x.shape
+    g, p = math.isqrt(N), math.isqrt(pp)
+    return x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+
+def patchify(c, p):
+    """Latent order [B, H, W] (codes) -> token order [B, tokens, p*p]: the inverse of unpatchify."""
+    B, H, W = c.shape
+    return c.view(B, H // p, p, W // p, p).transpose(2, 3).reshape(B, -1, p * p)
 
 
 # (depth, width, heads). DiT's S, B, L, XL; T and N are ours, for CPU runs (N is the demo's).
@@ -230,8 +232,10 @@ class CrossEntropyZ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, c, chunk):
         acc = torch.promote_types(logits.dtype, torch.float32)  # accumulate in fp32 at least
-        log_z = torch.cat([torch.logsumexp(l.to(acc), 1) for l in logits.split(chunk)])
-        ce = log_z - logits.gather(1, c[:, None])[:, 0].to(acc)
+        # log pi_c from log_softmax (one fused pass; logsumexp takes several), then log Z = logit_c - log pi_c.
+        ce = -torch.cat([torch.log_softmax(l.to(acc), 1).gather(1, cc[:, None])[:, 0]
+                         for l, cc in zip(logits.split(chunk), c.split(chunk))])
+        log_z = logits.gather(1, c[:, None])[:, 0].to(acc) + ce
         ctx.save_for_backward(logits, c, log_z)
         ctx.chunk = chunk
         return ce, log_z
@@ -240,12 +244,15 @@ class CrossEntropyZ(torch.autograd.Function):
     def backward(ctx, g_ce, g_log_z):
         logits, c, log_z = ctx.saved_tensors
         w = g_ce + g_log_z  # d ce/d l = pi - onehot(c), d log Z/d l = pi
-        grad = torch.empty_like(logits)
-        for s in range(0, len(logits), ctx.chunk):
+        chunks = range(0, len(logits), ctx.chunk)
+        grad = torch.empty_like(logits) if len(chunks) > 1 else None  # one chunk: its own buffer, no copy
+        for s in chunks:
             e = min(s + ctx.chunk, len(logits))
-            g = torch.exp(logits[s:e].to(log_z.dtype) - log_z[s:e, None]) * w[s:e, None]
+            g = torch.softmax(logits[s:e].to(log_z.dtype), 1).mul_(w[s:e, None])  # one fused pass for pi
             # The one-hot is subtracted in fp32, before the cast: in bf16, pi_c - 1 cancels to 0 for pi_c > 0.999.
             g[torch.arange(e - s, device=g.device), c[s:e]] -= g_ce[s:e]
+            if grad is None:
+                return g.to(logits.dtype), None, None
             grad[s:e] = g
         return grad, None, None
 
@@ -257,9 +264,10 @@ def purr_loss(logits, c, z_weight=1e-5, chunk=8192):
 
 
 def purr_training_loss(model, b, codebook, z_weight):
-    """Algorithm 1 on a batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14)."""
+    """Algorithm 1 on a batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14).
+    The logits stay in token order; the codes are put in the same order."""
     logits = model(interpolant(b.z0, embed(codebook, b.c), b.t), b.t, b.y)
-    ce, zloss = purr_loss(logits, b.c, z_weight)
+    ce, zloss = purr_loss(logits, patchify(b.c, math.isqrt(logits.shape[2])), z_weight)
     return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
 
 
@@ -274,10 +282,10 @@ def posterior(logits, tau):
 
 def posterior_mean(logits, codebook, tau):
     """mu = sum_k pi_k e_k (Eq. 13) with pi = posterior(logits, tau). logits [..., K] -> mu [..., d].
-    In fp32 whatever the autocast, and by chunks of positions: a guided XL/2 batch of 64 at K = 16384
-    has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
+    In full fp32 whatever the autocast or TF32 setting, and by chunks of positions: a guided XL/2 batch of 64
+    at K = 16384 has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
     flat = logits.reshape(-1, logits.shape[-1])
-    with torch.autocast(logits.device.type, enabled=False):
+    with torch.autocast(logits.device.type, enabled=False), vqlib.full_fp32():
         mu = torch.cat([posterior(l, tau) @ codebook.float() for l in flat.split(POSITIONS_PER_CHUNK)])
     return mu.view(*logits.shape[:-1], -1)
 
@@ -287,10 +295,10 @@ def temperature(tau, t):
     return tau(float(t)) if callable(tau) else tau
 
 
-def network(model, z, t, y, cfg_scale, head=None):
-    """The (guided) network output at time t as [B,C,h,w] fp32; head maps each position's output first."""
-    tt = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(len(z))
-    return model.forward_with_cfg(z, tt, y, cfg_scale, head).float().permute(0, 3, 1, 2)
+def network(model, z, t, y, cfg_scale):
+    """The (guided) network output at time t, in token order [B, tokens, p*p, C]."""
+    return model.forward_with_cfg(z, torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(len(z)), y,
+                                  cfg_scale)
 
 
 def purr_velocity(model, codebook, y, tau, cfg_scale, on_logits=None):
@@ -298,11 +306,11 @@ def purr_velocity(model, codebook, y, tau, cfg_scale, on_logits=None):
     guided posterior stays a distribution over codes, so mu stays in the codebook's convex hull and tau
     tempers guided logits as it tempers unguided ones. on_logits(t, logits) sees every evaluation."""
     def v(t, z):
-        def mu(logits):  # per position, before unpatchifying: d channels leave the network, not K
-            if on_logits is not None:
-                on_logits(t, logits)
-            return posterior_mean(logits, codebook, temperature(tau, t))
-        return (network(model, z, t, y, cfg_scale, mu) - z) / (1 - t)
+        logits = network(model, z, t, y, cfg_scale)
+        if on_logits is not None:
+            on_logits(t, logits)
+        mu = posterior_mean(logits, codebook, temperature(tau, t))  # per position: d channels, not K, are reordered
+        return (unpatchify(mu) - z) / (1 - t)
     return v
 
 
@@ -352,7 +360,7 @@ def entropy(logits, tau):
 def cfm_training_loss(model, b, codebook, z_weight, endpoint=False):
     """MSE of the network's output against the velocity z_1 - z_0 (CFM), or against z_1 (CFM-endpoint)."""
     z1 = embed(codebook, b.c)
-    out = model(interpolant(b.z0, z1, b.t), b.t, b.y).permute(0, 3, 1, 2).float()
+    out = unpatchify(model(interpolant(b.z0, z1, b.t), b.t, b.y)).float()
     mse = (out - (z1 if endpoint else z1 - b.z0)).pow(2).mean()
     return {"loss": mse, "mse": mse}
 
@@ -360,8 +368,8 @@ def cfm_training_loss(model, b, codebook, z_weight, endpoint=False):
 def cfm_velocity(model, codebook, y, tau, cfg_scale, on_logits=None, endpoint=False):
     """CFM's output is the velocity; CFM-endpoint's predicted z_1 takes mu's place in Eq. 13."""
     if endpoint:
-        return lambda t, z: (network(model, z, t, y, cfg_scale) - z) / (1 - t)
-    return lambda t, z: network(model, z, t, y, cfg_scale)
+        return lambda t, z: (unpatchify(network(model, z, t, y, cfg_scale)).float() - z) / (1 - t)
+    return lambda t, z: unpatchify(network(model, z, t, y, cfg_scale)).float()
 
 
 def dfm_path(c, t, u, K, n=3):
@@ -382,7 +390,8 @@ def dfm_input(x, codebook):
 
 
 def dfm_training_loss(model, b, codebook, z_weight):
-    ce, _ = purr_loss(model(dfm_input(dfm_path(b.c, b.t, b.u, len(codebook)), codebook), b.t, b.y), b.c, 0.0)
+    logits = model(dfm_input(dfm_path(b.c, b.t, b.u, len(codebook)), codebook), b.t, b.y)
+    ce, _ = purr_loss(logits, patchify(b.c, math.isqrt(logits.shape[2])), 0.0)
     return {"loss": ce, "ce": ce}
 
 
@@ -394,8 +403,9 @@ def sample_dfm(model, codebook, y, shape, tau=1.0, cfg_scale=1.0, num_steps=100,
     x = torch.full(shape, K, device=codebook.device)
     for s in range(T):
         t = s / T
-        logits = model.forward_with_cfg(dfm_input(x, codebook), torch.full((len(x),), t, device=x.device), y, cfg_scale)
-        x1 = torch.multinomial(posterior(logits.reshape(-1, K), temperature(tau, t)), 1).view(shape)
+        logits = network(model, dfm_input(x, codebook), t, y, cfg_scale)  # token order
+        x1 = torch.multinomial(posterior(logits.reshape(-1, K), temperature(tau, t)), 1).view(logits.shape[:-1])
+        x1 = unpatchify(x1[..., None])[:, 0]
         if s == T - 1:
             return x1
         jump = torch.rand(shape, device=x.device) < 1 - math.exp(-dfm_rate(t, n) / T)
@@ -449,13 +459,16 @@ def tau_schedule(kind, tau, tau_end=None):
 # per second beat a wider model or more tokens) for 1,800 steps at lr 3e-3 decayed linearly to 0 over the
 # last 30 % (the decay buys much of the quality), with a short EMA (half-life ~70 steps); the paper's 1e-4
 # and 0.9999 need far more steps (README: "The demo's recipe"). `--help` prints both; a checkpoint stores
-# every value; on resume a flag not given takes the checkpoint's. Precision "auto": default_precision().
+# every value; on resume a flag not given takes the checkpoint's (the data and tokenizer too, data ..
+# image_size: a resumed run needs nothing but its checkpoint). Precision "auto": default_precision().
 TRAIN_DEFAULTS = {"model": ("N/4", "S/2"), "steps": (1800, 400_000), "global_batch_size": (64, 256),
                   "lr": (3e-3, 1e-4), "warmup": (0, 0), "decay": (0.3, 0.0), "ema_decay": (0.99, 0.9999),
                   "objective": ("purr", "purr"), "z_loss": (1e-5, 1e-5), "class_dropout": (0.1, 0.1),
                   "log_every": (100, 100), "ckpt_every": (600, 50_000), "keep": (0, 0), "seed": (0, 0),
                   "precision": ("auto", "auto"), "num_workers": (0, 8), "grad_accum": (1, 1),
-                  "micro_batch_size": (0, 0), "grad_checkpoint": (False, False), "compile": (False, False)}
+                  "micro_batch_size": (0, 0), "grad_checkpoint": (False, False), "compile": (False, False),
+                  "data": (None, None), "demo_size": (10_000, 10_000), "vq": ("llamagen-vq-ds8",) * 2,
+                  "vq_ckpt": (None, None), "image_size": (256, 256)}
 DEMO_TOKENIZER = {"codebook_size": 256, "dim": 8, "patch": 4, "iters": 8}  # vq.fit_tiny: K codes, d, patch side, k-means steps
 # What a resumed run may change: schedule, logging, disk, and how the same global batch is computed.
 RESUME_MAY_CHANGE = ("steps", "lr", "warmup", "decay", "log_every", "ckpt_every", "num_workers", "keep", "precision",
@@ -491,8 +504,14 @@ def train_step(model, opt, micro_batches, objective, codebook, z_weight, autocas
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    """ema <- decay ema + (1 - decay) model, as one multi-tensor update (not a kernel per parameter)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def adamw(model, lr):
+    """AdamW with App. C's settings, fused (one kernel for all parameters, on CUDA and CPU alike): PyTorch's
+    default on CPU loops over the parameters in Python, ~5x slower in the demo."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6, fused=True)
 
 
 def train(args):
@@ -502,7 +521,7 @@ def train(args):
     rank, world, device = setup_distributed()
     ckpt, ckpt_path = find_resume(args)
     cfg, changed = resolve_config(args, ckpt)
-    data, tok = open_data(cfg, device)
+    data, tok = open_data(cfg, device, ckpt_path)
     cfg.update(latent_shape(cfg, data, tok))
     model, ema, opt, step = build_training(cfg, ckpt, ckpt_path, device)
     G, steps = cfg["global_batch_size"], cfg["steps"]
@@ -535,7 +554,7 @@ def train(args):
             if step % cfg["ckpt_every"] == 0 or step == steps or stopping:
                 last_saved = save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_saved)
             if stopping:
-                say_stopped(cfg, step, last_saved, rank)
+                say_stopped(cfg, step, last_saved, rank, world)
                 break
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -574,7 +593,8 @@ def find_resume(args):
 def resolve_config(args, ckpt):
     """The run's settings as a dict: given flags, else the checkpoint's (on resume), else TRAIN_DEFAULTS.
     On resume only RESUME_MAY_CHANGE may differ from the checkpoint; the changes are returned."""
-    cfg, changed, demo = {k: v for k, v in vars(args).items() if k != "func"}, [], args.data is None
+    cfg, changed = {k: v for k, v in vars(args).items() if k != "func"}, []
+    demo = (args.data or (ckpt["args"]["data"] if ckpt else None)) is None
     for k, (demo_value, value) in TRAIN_DEFAULTS.items():
         given, old = cfg[k], (ckpt["args"].get(k, demo_value if demo else value) if ckpt else None)
         if ckpt and given is not None and given != old:
@@ -590,12 +610,14 @@ def resolve_config(args, ckpt):
     return cfg, changed
 
 
-def open_data(cfg, device):
+def open_data(cfg, device, resumed=None):
     """The training data and the frozen tokenizer. With no --data: the built-in demo images, a tiny
-    tokenizer fitted on them (DEMO_TOKENIZER), and all images (and flips) encoded once."""
+    tokenizer fitted on them (DEMO_TOKENIZER; a resumed run's is the one in its checkpoint), and all images
+    (and flips) encoded once."""
     if cfg["data"] is None:
         images, labels = demo_dataset(cfg["demo_size"])
-        tok = vqlib.fit_tiny(to_unit(images), seed=cfg["seed"], **DEMO_TOKENIZER)
+        tok = vqlib.load_tokenizer("tiny", resumed) if resumed else \
+            vqlib.fit_tiny(to_unit(images), seed=cfg["seed"], **DEMO_TOKENIZER)
         tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
         return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
     if os.path.isfile(os.path.join(cfg["data"], "meta.json")):
@@ -640,7 +662,7 @@ def build_training(cfg, ckpt, path, device):
     model = build_model(cfg).to(device)
     model.grad_checkpoint = cfg["grad_checkpoint"]
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6)
+    opt = adamw(model, cfg["lr"])
     if not ckpt:
         return model, ema, opt, 0
     differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("latent_size", "latent_channels", "codebook_size",
@@ -665,11 +687,12 @@ def announce(cfg, model, data, tok, layout, resumed, changed):
     return run
 
 
-def say_stopped(cfg, step, last_saved, rank):
+def say_stopped(cfg, step, last_saved, rank, world):
+    """The command that resumes the run: the checkpoint holds every setting, so it needs no other flag."""
     if rank == 0:
+        launch = "python purr.py" if world == 1 else f"torchrun --nproc_per_node={world} purr.py"
         print(f"purr train: stopped by signal at step {step}/{cfg['steps']}, saved {last_saved}; resume with: "
-              f"python purr.py train --resume {last_saved} --results-dir {cfg['results_dir']}"
-              + (f" --data {cfg['data']}" if cfg["data"] else ""), flush=True)
+              f"{launch} train --resume {last_saved}", flush=True)
 
 
 # ==============================================================================================
@@ -683,7 +706,8 @@ def sample(args):
     model, tok, a, step = load_sampler(ckpt_path, args.vq_ckpt, device)
     labels, y = sample_labels(args, a)
     n, size, d, grid = len(y), a["latent_size"], a["latent_channels"], args.out.endswith(".png")
-    mine, net = range(rank * n // world, (rank + 1) * n // world), torch.compile(model) if args.compile else model
+    mine = range(rank * n // world, (rank + 1) * n // world)
+    net = compile_in_place(model) if args.compile else model
     tau = tau_schedule(args.tau_schedule, args.tau, args.tau_end)
     if rank == 0:
         print(f"purr sample: {n} images from {ckpt_path} on {world} process(es), {device}, {args.precision}",
@@ -715,6 +739,13 @@ def sample(args):
             print(f"entropy of pi at t={args.entropy_t} (0 black .. log K white) -> {emap}")
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def compile_in_place(model):
+    """torch.compile of what sampling runs. It calls forward_with_cfg, which calls the module itself, and
+    torch.compile(model) is a wrapper whose forward_with_cfg is the eager module's: compile the call."""
+    model.compile()
+    return model
 
 
 def check_sample_args(args):
@@ -765,7 +796,7 @@ def entropy_recorder(model, tau, at, out):
 
     def record(t, logits):
         if not seen and t >= at:
-            seen.append(model.unpatchify(entropy(logits, temperature(tau, t))[..., None])[..., 0])
+            seen.append(unpatchify(entropy(logits, temperature(tau, t))[..., None])[:, 0])
             out.append(seen[0])
     return record
 
@@ -875,7 +906,6 @@ def bench(args):
          "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
     model = build_model(a).to(device)
     model.grad_checkpoint = args.grad_checkpoint
-    fast = torch.compile(model) if args.compile else model
     codebook = torch.randn(args.codebook_size, args.latent_channels, device=device)
     B, s = args.batch_size, args.latent_size
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
@@ -885,19 +915,22 @@ def bench(args):
     if args.sample:
         y, z0 = torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device)
         tok = types.SimpleNamespace(codebook=codebook, quantize=lambda z: vqlib.nearest_code(z, codebook))
-        ms = timed(device, args.warmup, args.steps, lambda n: generate(fast.eval(), tok, args.objective, y, z0, 1.0,
+        net = (compile_in_place(model) if args.compile else model).eval()
+        ms = timed(device, args.warmup, args.steps, lambda n: generate(net, tok, args.objective, y, z0, 1.0,
                                                                         args.cfg_scale, n, "euler", None, args.precision))
         print(f"{head}, sampling with cfg {args.cfg_scale}: {ms:.1f} ms per network evaluation ({1000 / ms:.2f} NFE/s), "
               f"{1000 * B / ms / 100:.3f} images/s at 100 Euler steps, {peak_memory(device)}")
         return
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
+    fast = torch.compile(model) if args.compile else model
+    opt, ema = adamw(model, 1e-4), copy.deepcopy(model).requires_grad_(False)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
-    def step(net):  # on a fresh random batch
-        batch = Batch(torch.randint(0, args.codebook_size, (B, s, s), device=device), torch.randint(0, 1000, (B,), device=device),
-                      torch.randn(B, args.latent_channels, s, s, device=device), torch.rand(B, device=device),
-                      torch.rand(B, s, s, device=device))
-        return train_step(net, opt, [batch], args.objective, codebook, 1e-5, autocast)
+    def step(net):  # a training step on a fresh random batch, with the EMA update
+        batch = Batch(torch.randint(0, args.codebook_size, (B, s, s), device=device),
+                      torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device),
+                      torch.rand(B, device=device), torch.rand(B, s, s, device=device))
+        train_step(net, opt, [batch], args.objective, codebook, 1e-5, autocast)
+        update_ema(ema, model, 0.9999)
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:  # one untimed step of the eager model
         step(model)
@@ -905,7 +938,25 @@ def bench(args):
     tflops = counter.get_total_flops() / ms / 1e9
     peak = next((p[args.precision == "fp32"] for name, p in PEAK_TFLOPS.items() if name in where), None)
     print(f"{head}: {ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {counter.get_total_flops() / 1e12:.3g} TFLOP/step, "
-          f"{tflops:.3g} TFLOP/s{f', MFU {100 * tflops / peak:.1f}%' if peak else ''}, {peak_memory(device)}")
+          f"{tflops:.3g} TFLOP/s{f', MFU {100 * tflops / peak:.1f}%' if peak else ''}, "
+          f"{100 * (1 - matmul_ms(device, lambda: step(fast)) / ms):.0f}% of the step outside matrix multiplies, "
+          f"{peak_memory(device)}")
+
+
+MATMUL = re.compile(r"aten::.*(mm|conv|attention)")  # mm, addmm, bmm, convolutions, fused attention (and backward)
+
+
+def matmul_ms(device, run, n=3):
+    """Milliseconds per run() in matrix multiplies, from the profiler (device time on CUDA)."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(n):
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return sum(getattr(e, key) for e in prof.key_averages() if MATMUL.match(e.key)) / 1000 / n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,9 +974,9 @@ def parser():
     t.add_argument("--model", help=default_help("model", "DiT config: " + ", ".join(DiT_models)))
     t.add_argument("--data", help="image folder, one sub-folder per class, or a token folder from 'extract' "
                                   "(default: the built-in demo)")
-    t.add_argument("--vq", default="llamagen-vq-ds8", help="tokenizer: sd-vq-f8 | llamagen-vq-ds8")
+    t.add_argument("--vq", help=default_help("vq", "tokenizer: sd-vq-f8 | llamagen-vq-ds8 | tiny"))
     t.add_argument("--vq-ckpt", help="the tokenizer's official checkpoint file")
-    t.add_argument("--image-size", type=int, default=256)
+    t.add_argument("--image-size", type=int, help=default_help("image_size"))
     t.add_argument("--steps", type=int, help=default_help("steps"))
     t.add_argument("--global-batch-size", type=int, help=default_help("global_batch_size"))
     t.add_argument("--grad-accum", type=int, help=default_help("grad_accum", "micro-batches per process and step"))
@@ -950,7 +1001,7 @@ def parser():
                    help=default_help("precision", "bf16 autocast for the DiT; bf16 where the hardware has it fast"))
     t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     t.add_argument("--num-workers", type=int, help=default_help("num_workers"))
-    t.add_argument("--demo-size", type=int, default=10000, help="images in the built-in demo set")
+    t.add_argument("--demo-size", type=int, help=default_help("demo_size", "images in the built-in demo set"))
     t.add_argument("--seed", type=int, help=default_help("seed"))
     t.set_defaults(func=train)
     s = sub.add_parser("sample", help="sample images from a checkpoint's EMA weights")
@@ -1005,6 +1056,7 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    keep_freed_memory()
     try:
         args.func(args)
     except (PurrError, vqlib.TokenizerError, fid.FIDError) as e:

@@ -68,6 +68,16 @@ def tiny_dit(K=16, seed=0):
     return model.eval()
 
 
+def image_order(out):
+    """A DiT output in token order [B, tokens, p*p, C] -> channels-last latent order [B, H, W, C]."""
+    return purr.unpatchify(out).permute(0, 2, 3, 1)
+
+
+def token_order(x):
+    """[B, H, W, C] -> token order with p = 1, [B, H*W, 1, C]: what a patch-1 DiT returns."""
+    return x.flatten(1, 2)[:, :, None]
+
+
 def fast_demo_train(root, *flags):
     """train_cli on 100 demo images with a 16-code tiny tokenizer (fitted in 2 iterations, not 25)."""
     with pytest.MonkeyPatch.context() as mp:
@@ -112,7 +122,7 @@ def test_parameter_counts_with_16384_way_head(name, millions):
 def test_dit_emits_K_logits_per_latent_position(patch):
     model = small_dit(K=16, d=4, size=8, patch=patch)
     out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3]))
-    assert out.shape == (2, 8, 8, 16)
+    assert out.shape == (2, (8 // patch) ** 2, patch ** 2, 16) and purr.unpatchify(out).shape == (2, 16, 8, 8)
     fresh = purr.DiT_models[f"T/{patch}"](input_size=8, in_channels=4, codebook_size=16)
     assert torch.count_nonzero(fresh(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0]))) == 0  # zero-init head
     assert set(purr.DiT_models) >= {f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
@@ -124,9 +134,12 @@ def test_unpatchify_puts_each_token_output_on_its_own_patch():
     i, j, a, b, k = torch.meshgrid(*(torch.arange(n) for n in (g, g, p, p, K)), indexing="ij")
     code = (i * g + j) * 1000 + a * 100 + b * 10 + k  # the final layer's output, laid out [token, (a, b, k)]
     model.final_layer.register_forward_hook(lambda *_: code.reshape(1, g * g, p * p * K).float())
-    out = model(torch.randn(1, 4, p * g, p * g), torch.rand(1), torch.tensor([0]))[0]
+    out = purr.unpatchify(model(torch.randn(1, 4, p * g, p * g), torch.rand(1), torch.tensor([0])))[0]
     for (ii, jj, aa, bb, kk) in [(0, 0, 0, 0, 0), (1, 2, 1, 0, 2), (3, 3, 1, 1, 1), (2, 0, 0, 1, 0)]:
-        assert out[p * ii + aa, p * jj + bb, kk] == (ii * g + jj) * 1000 + aa * 100 + bb * 10 + kk
+        assert out[kk, p * ii + aa, p * jj + bb] == (ii * g + jj) * 1000 + aa * 100 + bb * 10 + kk
+    c = torch.randint(0, 100, (2, p * g, p * g))  # patchify puts codes in the same token order
+    assert torch.equal(purr.unpatchify(purr.patchify(c, p)[..., None])[:, 0], c)
+    assert purr.patchify(c, p)[1, 1 * g + 2, 1 * p + 0] == c[1, p * 1 + 1, p * 2 + 0]
 
 
 def test_sincos_position_table_matches_dit_formula():
@@ -197,7 +210,7 @@ def algorithm2(model, codebook, y, z, tau, T):
     """Algorithm 2 of the paper, written out."""
     for s in range(T):
         t = s / T
-        pi = torch.softmax(model(z, torch.full((len(z),), t), y) / tau, -1)
+        pi = torch.softmax(image_order(model(z, torch.full((len(z),), t), y)) / tau, -1)
         v = ((pi @ codebook).permute(0, 3, 1, 2) - z) / (1 - t)
         z = z + (1 / T) * v
     return z
@@ -227,7 +240,7 @@ def test_linear_tau_schedule_tempers_each_step_with_tau_of_t():
     z = z0
     for s in range(T):  # Algorithm 2 with tau(s/T) in Eq. 15
         t = s / T
-        pi = torch.softmax(model(z, torch.full((2,), t), y) / (0.5 + t), -1)
+        pi = torch.softmax(image_order(model(z, torch.full((2,), t), y)) / (0.5 + t), -1)
         z = z + ((pi @ codebook).permute(0, 3, 1, 2) - z) / (1 - t) / T
     got = purr.sample_latents(model, codebook, y, z0, tau=tau, num_steps=T)
     assert torch.allclose(got, z, atol=1e-5)
@@ -241,9 +254,10 @@ def test_last_euler_step_lands_on_mu():
     z = z0
     for s in range(T - 1):
         t = s / T
-        mu = purr.posterior_mean(model(z, torch.full((2,), t), y), codebook, 0.8).permute(0, 3, 1, 2)
+        mu = purr.posterior_mean(image_order(model(z, torch.full((2,), t), y)), codebook, 0.8).permute(0, 3, 1, 2)
         z = z + (mu - z) / (1 - t) / T
-    mu_last = purr.posterior_mean(model(z, torch.full((2,), (T - 1) / T), y), codebook, 0.8).permute(0, 3, 1, 2)
+    mu_last = purr.posterior_mean(image_order(model(z, torch.full((2,), (T - 1) / T), y)), codebook, 0.8)
+    mu_last = mu_last.permute(0, 3, 1, 2)
     got = purr.sample_latents(model, codebook, y, z0, tau=0.8, num_steps=T)
     assert torch.allclose(got, mu_last, atol=1e-5)
 
@@ -262,9 +276,9 @@ class OneHotPosterior(torch.nn.Module):
         super().__init__()
         self.logits, self.times = 30.0 * F.one_hot(c, K).float(), []
 
-    def forward_with_cfg(self, z, t, y, cfg_scale, head=None):
+    def forward_with_cfg(self, z, t, y, cfg_scale):
         self.times.append(t.max().item())
-        return head(self.logits) if head else self.logits
+        return token_order(self.logits)
 
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "dopri5"])
@@ -314,7 +328,8 @@ def test_short_demo_training_lowers_the_loss_and_samples(tmp_path):
 # --- The baselines (Sec. 4.1): CFM, CFM-endpoint, DFM ----------------------------------------------------
 
 class Fixed(torch.nn.Module):
-    """A 'network' returning a fixed output [B,h,w,C] (for checking a loss or a sampler step by hand)."""
+    """A patch-1 'network' returning a fixed output, given [B,h,w,C] (for checking a loss or a sampler step by
+    hand)."""
 
     def __init__(self, out):
         super().__init__()
@@ -322,10 +337,10 @@ class Fixed(torch.nn.Module):
 
     def forward(self, z, t, y):
         self.inputs.append((z.clone(), t.clone()))
-        return self.out
+        return token_order(self.out)
 
-    def forward_with_cfg(self, z, t, y, cfg_scale, head=None):
-        return head(self(z, t, y)) if head else self(z, t, y)
+    def forward_with_cfg(self, z, t, y, cfg_scale):
+        return self(z, t, y)
 
 
 def test_each_objective_loss_equals_its_formula():
@@ -670,9 +685,31 @@ def test_bench_prints_step_time_throughput_flops_and_memory(capsys):
     purr.main(common)
     out = capsys.readouterr().out
     assert "ms/step" in out and "img/s" in out and "TFLOP/step" in out and "GiB peak" in out
+    outside = int(re.search(r"(\d+)% of the step outside matrix multiplies", out).group(1))
+    assert 0 < outside < 100
     purr.main([*common, "--sample"])
     out = capsys.readouterr().out
     assert "NFE/s" in out and "images/s at 100 Euler steps" in out and "cfg 1.5" in out
+
+
+def test_fused_adamw_equals_the_per_parameter_loop_and_keeps_app_c_settings():
+    """The fused optimizer makes the updates of PyTorch's reference loop (foreach=False), to fp32 rounding."""
+    fast, ref = tiny_dit(seed=0).train(), tiny_dit(seed=0).train()
+    opt = purr.adamw(fast, 1e-3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6,
+                                foreach=False)
+    assert opt.defaults["fused"] and {k: opt.defaults[k] for k in ("weight_decay", "betas", "eps")} == \
+        {"weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-6}
+    codebook = torch.randn(16, 4)
+    for step in range(3):
+        torch.manual_seed(step)
+        b = purr.Batch(torch.randint(0, 16, (4, 4, 4)), torch.randint(0, 3, (4,)), torch.randn(4, 4, 4, 4),
+                       torch.rand(4), None)
+        for model, o in ((fast, opt), (ref, ref_opt)):
+            purr.train_step(model, o, [b], "purr", codebook, 1e-5, contextlib.nullcontext())
+    for p, q in zip(fast.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(fast.final_layer.linear.weight, tiny_dit(seed=0).final_layer.linear.weight)
 
 
 def test_precision_default_follows_the_hardware():
