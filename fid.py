@@ -1,10 +1,14 @@
-"""fid: Fréchet Inception Distance with the standard TF-FID Inception-v3, in plain torch.
+"""fid: the numbers of an ImageNet table (FID, sFID, Inception Score, precision and recall, KID) from one
+pass of the standard TF-FID Inception-v3, in plain torch.
 
-    python fid.py A B                      # A, B: image folder, ADM sample batch .npz, or statistics .npz
-    python fid.py --save-stats A out.npz   # statistics once, reused by later FID-10k/50k runs
+    python fid.py SAMPLES REF              # each: image folder, ADM sample batch .npz, or statistics .npz
+    python fid.py --save-stats A out.npz   # ADM's reference-batch fields: mu, sigma, mu_s, sigma_s, arr_0
 
 The network is the 2015-12-05 TensorFlow Inception graph as pytorch-fid and torch-fidelity port it (no
-torchvision needed). Preprocessing defaults to torch-fidelity's TF1 resize, as in the paper and ADM's evaluator.
+torchvision needed). Preprocessing defaults to torch-fidelity's TF1 resize, as in the paper and ADM's
+evaluator. Each metric follows one reference: FID is TTUR's formula (ADM, torch-fidelity and pytorch-fid
+agree); sFID, precision and recall are ADM's evaluator's (guided-diffusion evaluations/evaluator.py); IS and
+KID are torch-fidelity's.
 """
 import argparse
 import contextlib
@@ -22,12 +26,12 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
-from appendix import IMAGE_EXTS, center_crop  # shared with purr's training data
-
 WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name
 WEIGHTS_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the same file
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS
 PREPROCESS = ("fidelity", "pytorch-fid")
+IMAGE_EXTS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # compared lower-case (ImageNet's .JPEG)
+REF_IMAGES = 10_000  # images an ADM reference batch holds in arr_0, for precision and recall
 
 
 class FIDError(Exception):
@@ -147,7 +151,8 @@ def resize_tf1(x, size=299):
 
 
 class InceptionV3(nn.Module):
-    """FID Inception-v3: uint8 [N, 3, H, W] -> float32 [N, 2048] pool features."""
+    """FID Inception-v3: uint8 [N, 3, H, W] -> {"pool": [N, 2048] (FID, precision/recall, KID), "spatial":
+    [N, 2023] (sFID), "logits": [N, 1008] (IS)}, float32."""
 
     def __init__(self, preprocess="fidelity"):
         super().__init__()
@@ -161,7 +166,7 @@ class InceptionV3(nn.Module):
         self.Mixed_6a, self.Mixed_6b, self.Mixed_6c = BlockB(288), BlockC(768, 128), BlockC(768, 160)
         self.Mixed_6d, self.Mixed_6e, self.Mixed_7a = BlockC(768, 160), BlockC(768, 192), BlockD(768)
         self.Mixed_7b, self.Mixed_7c = BlockE(1280, max_pool=False), BlockE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # unused for FID; present so the official file loads strictly
+        self.fc = nn.Linear(2048, 1008)  # IS's logits; its bias too, so that the official file loads strictly
 
     def normalize(self, x):
         if self.preprocess == "fidelity":
@@ -176,9 +181,14 @@ class InceptionV3(nn.Module):
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if x.is_cuda else contextlib.nullcontext():
             x = chain(self.normalize(x), self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
             x = chain(F.max_pool2d(x, 3, 2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
-            x = chain(F.max_pool2d(x, 3, 2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)
-            return x.mean((2, 3))
+            x = chain(F.max_pool2d(x, 3, 2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
+                      self.Mixed_6b, self.Mixed_6c, self.Mixed_6d)
+            # ADM's mixed_6/conv is Mixed_6d's 1x1 branch, the first 192 channels of its output. sFID keeps 7
+            # of them, flattened in TF's NHWC order, so that mu_s and sigma_s compare with ADM's reference batches.
+            spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
+            pool = chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c).mean((2, 3))
+        # the fc without its bias: ADM's softmax/logits/MatMul, torch-fidelity's logits_unbiased
+        return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.weight.T}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +237,19 @@ def load_inception(path=None, preprocess="fidelity"):
 
 # ----------------------------------------------------------------------------------------------
 # Image sources: (count, iterator of uint8 [B, 3, H, W] batches), checked before any network runs.
+
+def center_crop(img, size):
+    """ADM's center crop (guided-diffusion's center_crop_arr; purr's training crop is the same), RGB first:
+    halve with a box filter while the image is at least 2x too large, bicubic to a short side of `size`, the
+    center square."""
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), Image.BICUBIC)
+    y, x = (img.height - size) // 2, (img.width - size) // 2
+    return np.asarray(img)[y:y + size, x:x + size]
+
 
 def _read_image(f, crop=None):
     try:
@@ -301,46 +324,63 @@ def images(src, batch_size=50, num_images=None, crop=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics and the distance.
+# Features, statistics and the metrics.
 
-def features(src, model, batch_size=50, num_images=None, progress_s=15.0, crop=None):
-    """Inception features [N, 2048] float32 of images(src); a progress line on stderr every progress_s seconds."""
+def features(src, model, batch_size=50, num_images=None, progress_s=15.0, crop=None, keep=0):
+    """InceptionV3's {"pool", "spatial", "logits"} of images(src) as float32 arrays [N, D], and with keep > 0
+    "images": `keep` of them evenly spaced, N x H x W x 3 uint8 (ADM's arr_0). A progress line on stderr every
+    progress_s seconds."""
     n, batches = images(src, batch_size, num_images, crop)
     device, name = next(model.parameters()).device, "tensor" if torch.is_tensor(src) else src
-    out, done, t0, last = np.empty((n, 2048), np.float32), 0, time.time(), time.time()
+    kept = np.arange(min(keep, n)) * n // max(min(keep, n), 1)
+    out, shown, done, t0, last = {}, [], 0, time.time(), time.time()
     for x in batches:
-        out[done:done + len(x)] = model(x.to(device)).cpu().numpy()
+        for k, v in model(x.to(device)).items():
+            out.setdefault(k, np.empty((n, v.shape[1]), np.float32))[done:done + len(x)] = v.cpu().numpy()
+        shown.append(x[kept[(kept >= done) & (kept < done + len(x))] - done].permute(0, 2, 3, 1).numpy())
         done += len(x)
         if time.time() - last > progress_s and done < n:
             last, rate = time.time(), done / (time.time() - t0)
             print(f"fid: {name}: {done}/{n} images, {rate:.1f} images/s, {(n - done) / rate / 60:.1f} min left",
                   file=sys.stderr, flush=True)
-    return out
+    return {**out, "images": np.concatenate(shown)} if keep else out
 
 
 def read_stats(path):
-    """{"mu", "sigma", "num_images"} of a statistics .npz (ours, pytorch-fid's, or ADM's reference batch, whose
-    mu/sigma win over its arr_0), or None when path is not one."""
+    """The statistics of an .npz (ours or ADM's reference batch: mu, sigma, mu_s, sigma_s, images in arr_0;
+    pytorch-fid's: mu, sigma), "arr_0": whether it holds images; None when path is not a statistics file."""
     if torch.is_tensor(path) or not str(path).endswith(".npz") or not Path(path).is_file():
         return None
     try:
         with np.load(path) as f:
             if "mu" in f and "sigma" in f:
                 n = int(f["num_images"]) if "num_images" in f else None
-                return {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64), "num_images": n}
+                return {**{k: f[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f},
+                        "num_images": n, "name": str(path), "arr_0": "arr_0" in f}
     except Exception as e:
         raise FIDError(f"{path}: unreadable .npz ({type(e).__name__}: {e})") from None
 
 
 def statistics(src, model=None, batch_size=50, num_images=None, progress_s=15.0, crop=None):
-    """{"mu", "sigma", "num_images"} of a statistics .npz, or of images(src) through model (load_inception())."""
+    """What the metrics take of src: mu, sigma, mu_s, sigma_s, num_images, and the features pool and logits
+    (of a statistics file: pool, of its arr_0 images). model: load_inception() by default."""
     stats = read_stats(src)
-    if stats is not None:
+    if stats is not None and not stats.pop("arr_0"):
         return stats
-    feats = features(src, model or load_inception(), batch_size, num_images, progress_s, crop)
-    if len(feats) < 2:
-        raise FIDError(f"{src}: a covariance needs at least 2 images, got {len(feats)}")
-    return moments(feats)
+    if stats is not None:  # precision, recall and KID compare with the reference images' own features
+        feats = features(src, model or load_inception(), batch_size, None, progress_s)
+        return {**stats, "pool": feats["pool"]}
+    return summarize(features(src, model or load_inception(), batch_size, num_images, progress_s, crop),
+                     "tensor" if torch.is_tensor(src) else str(src))
+
+
+def summarize(feats, name):
+    """statistics() of features(): the moments of the pool and the spatial features, and the features."""
+    if len(feats["pool"]) < 2:
+        raise FIDError(f"{name}: a covariance needs at least 2 images, got {len(feats['pool'])}")
+    spatial = moments(feats["spatial"])
+    return {**moments(feats["pool"]), "mu_s": spatial["mu"], "sigma_s": spatial["sigma"], "name": name,
+            "pool": feats["pool"], "logits": feats["logits"]}
 
 
 def moments(feats):
@@ -367,11 +407,109 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def inception_score(logits, splits=10, seed=2020):
+    """torch-fidelity's IS: exp(E_x KL(p(y|x) || p(y))) in float64 over each of `splits` parts of the images
+    in a fixed shuffled order; (mean, std) over the parts. One image repeated scores 1."""
+    shuffled = logits[np.random.RandomState(seed).permutation(len(logits))]
+    log_p = torch.from_numpy(shuffled).double().log_softmax(1)
+    scores = [(part.exp() * (part - part.exp().mean(0).log())).sum(1).mean().exp().item()
+              for part in log_p.tensor_split([i * len(log_p) // splits for i in range(1, splits)])]
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def kid(feats1, feats2, subsets=100, subset_size=1000, seed=2020, device="cpu"):
+    """torch-fidelity's KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3 between subset_size features
+    of feats1 (the samples) and of feats2, drawn without replacement from one RandomState; (mean, std) over
+    subsets. The kernels are float32 as torch-fidelity's, their sums float64 (torch-fidelity's: float32)."""
+    rng, m, mmd = np.random.RandomState(seed), subset_size, []
+    for _ in range(subsets):
+        x = torch.from_numpy(feats1[rng.choice(len(feats1), m, replace=False)]).to(device)
+        y = torch.from_numpy(feats2[rng.choice(len(feats2), m, replace=False)]).to(device)
+        kxx, kyy, kxy = ((a @ b.T / a.shape[1] + 1).pow(3).double() for a, b in ((x, x), (y, y), (x, y)))
+        within = kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()
+        mmd.append((within / (m * (m - 1)) - 2 * kxy.sum() / m ** 2).item())
+    return float(np.mean(mmd)), float(np.std(mmd))
+
+
+def squared_distances(a, b):
+    """ADM's DistanceBlock: |a|^2 - 2 a.b + |b|^2, clamped at 0."""
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)).clamp_min(0)
+
+
+def manifold_radii(feats, k=3, batch=5000):
+    """ADM's ManifoldEstimator radii: each feature's squared distance to its k-th nearest neighbour in feats
+    (itself the 0th), from batch x batch blocks of distances: never an N x N matrix."""
+    radii = []
+    for a in feats.split(batch):
+        nearest = torch.full((len(a), k + 1), torch.inf, device=a.device)
+        for b in feats.split(batch):
+            nearest = torch.cat([nearest, squared_distances(a, b)], 1).topk(k + 1, 1, largest=False).values
+        radii.append(nearest[:, k])
+    return torch.cat(radii)
+
+
+def precision_recall(ref, samples, k=3, batch=5000, device="cpu"):
+    """ADM's improved precision and recall (Kynkäänniemi et al. 2019) on features [N, D]: precision, the
+    fraction of samples within the k-NN radius of some reference; recall, of references within that of some
+    sample. Distances in float32 (ADM's: float16 where that does not overflow)."""
+    ref, samples = torch.from_numpy(ref).to(device), torch.from_numpy(samples).to(device)
+    r_ref, r_samples = manifold_radii(ref, k, batch), manifold_radii(samples, k, batch)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    samples_in = torch.zeros(len(samples), dtype=torch.bool, device=device)
+    for i in range(0, len(ref), batch):
+        for j in range(0, len(samples), batch):
+            d = squared_distances(ref[i:i + batch], samples[j:j + batch])
+            samples_in[j:j + batch] |= (d <= r_ref[i:i + batch, None]).any(0)
+            ref_in[i:i + batch] |= (d <= r_samples[j:j + batch]).any(1)
+    return samples_in.float().mean().item(), ref_in.float().mean().item()
+
+
+def metrics(samples, ref, device="cpu"):
+    """Every metric of samples against ref (statistics() of each), as {name: (value, its convention)}; a
+    metric whose inputs a side lacks has (the reason, None)."""
+    def lacking(sides, key, what):
+        return next((f"{s['name']} has no {what}" for s in sides if key not in s), None)
+    out = {"FID": (frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"]),
+                   "pool_3 (2048-d); TTUR's formula, as ADM, torch-fidelity and pytorch-fid")}
+    why = lacking((samples, ref), "mu_s", "mu_s, sigma_s (remake it with fid.py --save-stats)")
+    out["sFID"] = (why, None) if why else (
+        frechet_distance(samples["mu_s"], samples["sigma_s"], ref["mu_s"], ref["sigma_s"]),
+        "mixed_6/conv[..., :7] (17x17x7); ADM's evaluator")
+    why = lacking((samples,), "logits", "images (a statistics file: IS needs the samples themselves)")
+    splits = min(10, len(samples.get("logits", ())))
+    out["IS"] = (why, None) if why else (inception_score(samples["logits"], splits),
+                                         f"{splits} shuffled splits, fc without bias; torch-fidelity")
+    why = lacking((samples, ref), "pool", "images (arr_0) to take pool features of")
+    n, m = len(samples.get("pool", ())), len(ref.get("pool", ()))
+    why = why or (min(n, m) <= 3 and f"{min(n, m)} images on a side: precision and recall need over k = 3")
+    pr = (None, None) if why else precision_recall(ref["pool"], samples["pool"], device=device)
+    for name, v in zip(("precision", "recall"), pr):
+        out[name] = (why, None) if why else (v, f"k=3 pool_3 manifolds, {m} reference, {n} sample images; ADM's")
+    size = min(1000, n, m)
+    out["KID"] = (why, None) if why else (kid(samples["pool"], ref["pool"], subset_size=size, device=device),
+                                          f"(x.y/2048 + 1)^3, 100 subsets of {size}; torch-fidelity")
+    return out
+
+
+def report(results):
+    """One line per metric: name, value, convention (or why it was not computed)."""
+    lines = []
+    for name, (value, convention) in results.items():
+        if convention is None:
+            lines.append(f"{name:<9}  not computed: {value}")
+        else:
+            v = f"{value[0]:.6g} ± {value[1]:.2g}" if isinstance(value, tuple) else f"{value:.6g}"
+            lines.append(f"{name:<9}  {v:<20}  {convention}")
+    return lines
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Fréchet Inception Distance between A and B.")
-    p.add_argument("A", help="folder of images, ADM sample batch .npz (arr_0), or statistics .npz (mu, sigma)")
-    p.add_argument("B", help="the same kinds as A; with --save-stats: the output .npz")
-    p.add_argument("--save-stats", action="store_true", help="write A's mu, sigma and num_images to B")
+    p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall and KID of samples A vs B.")
+    p.add_argument("A", help="folder of images, ADM sample batch .npz (arr_0), or statistics .npz (mu, ...)")
+    p.add_argument("B", help="the same kinds as A, e.g. ADM's reference batch; with --save-stats: the output")
+    p.add_argument("--save-stats", action="store_true",
+                   help=f"write ADM's reference-batch fields of A to B: mu, sigma, mu_s, sigma_s of all its "
+                        f"images, {REF_IMAGES} of them evenly spaced (arr_0), num_images")
     p.add_argument("--inception", help=f"path of {WEIGHTS} (default: torch hub cache, else download)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--preprocess", choices=PREPROCESS, default="fidelity",
@@ -385,16 +523,23 @@ def main(argv=None):
     srcs = [a.A] if a.save_stats else [a.A, a.B]
     try:
         stats = [read_stats(x) for x in srcs]
-        todo = [x for x, s in zip(srcs, stats) if s is None]
-        for x in todo:  # a wrong path, an empty folder or a bad layout fails before the weights load
-            images(x, a.batch_size, a.num_images, a.center_crop)
+        for x, s in zip(srcs, stats):  # a wrong path, an empty folder, a bad layout: fails before the weights
+            if s is None:
+                images(x, a.batch_size, a.num_images, a.center_crop)
+        todo = [s for s in stats if s is None or s["arr_0"]]
         model = load_inception(a.inception, a.preprocess).to(a.device) if todo else None
-        stats = [s or statistics(x, model, a.batch_size, a.num_images, crop=a.center_crop) for x, s in zip(srcs, stats)]
         if a.save_stats:
-            np.savez(a.B, **{k: v for k, v in stats[0].items() if v is not None})
-            print(f"fid: wrote the statistics of {stats[0]['num_images']} images to {a.B}", file=sys.stderr)
+            if stats[0] is not None:
+                raise FIDError(f"{a.A} holds statistics already; --save-stats takes images")
+            f = features(a.A, model, a.batch_size, a.num_images, crop=a.center_crop, keep=REF_IMAGES)
+            s = summarize(f, a.A)
+            fields = {k: s[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "num_images")}
+            np.savez(a.B, **fields, arr_0=f["images"])
+            print(f"fid: wrote the statistics of {s['num_images']} images, {len(f['images'])} of them as "
+                  f"arr_0, to {a.B}", file=sys.stderr)
         else:
-            print(f"{frechet_distance(stats[0]['mu'], stats[0]['sigma'], stats[1]['mu'], stats[1]['sigma']):.6f}")
+            stats = [statistics(x, model, a.batch_size, a.num_images, crop=a.center_crop) for x in srcs]
+            print("\n".join(report(metrics(*stats, device=a.device))))
     except FIDError as e:
         sys.exit(f"fid.py: error: {e}")
 

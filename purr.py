@@ -61,16 +61,18 @@ def sincos_2d(dim, grid_size):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden, freq_dim=256):
+    """DiT's sinusoidal embedding of time_scale * t: 1000 t spans DiT's frequency range (max period 10^4) as
+    its diffusion steps do; the authors' code embeds t itself (time_scale 1), as SiT does."""
+
+    def __init__(self, hidden, freq_dim=256, time_scale=1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.time_scale = freq_dim, time_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t):
-        # t in [0, 1] is embedded as 1000 t, so DiT's frequency range (max period 10^4) spans it.
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
-        args = 1000 * t.float()[:, None] * freqs[None]
+        args = self.time_scale * t.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], 1))
 
 
@@ -120,17 +122,21 @@ class DiT(nn.Module):
     """Input z [B,d,H,W], time t [B] in [0,1], labels y [B] (y = num_classes is the null class of
     classifier-free guidance; the training loop drops labels). Output in token order [B, tokens, p*p, out],
     each token's p x p latent positions (unpatchify puts them in latent order): out = K logits per position
-    (Purrception, DFM) or d channels (the CFM baselines). Losses and mu are per position, so they work in
-    token order and never copy the K-wide logits into image order."""
+    (Purrception; K + 1 for DFM) or d channels (the CFM baselines). Losses and mu are per position, so they
+    work in token order and never copy the K-wide logits into image order. With vocab_size (DFM), z is token
+    indices [B,H,W], read as the authors' code does: a learned embedding of each, then the patch conv."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
-                 num_heads=16, mlp_ratio=4.0, num_classes=1000, codebook_size=16384, out_channels=None):
+                 num_heads=16, mlp_ratio=4.0, num_classes=1000, codebook_size=16384, out_channels=None,
+                 time_scale=1000.0, vocab_size=None):
         super().__init__()
         self.in_channels, self.num_classes, self.patch = in_channels, num_classes, patch_size
         self.grad_checkpoint = False
         self.out_channels = out_channels or codebook_size
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.token_embedder = nn.Embedding(vocab_size, hidden_size) if vocab_size else None
+        self.x_embedder = nn.Conv2d(hidden_size if vocab_size else in_channels, hidden_size, patch_size,
+                                    stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
         grid = input_size // patch_size
         # Frozen but a parameter, as in DiT (so it is counted, and averaged by the EMA).
@@ -147,6 +153,8 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
         nn.init.normal_(self.y_embedder.weight, std=0.02)
+        if self.token_embedder is not None:
+            nn.init.normal_(self.token_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:  # adaLN-Zero: every residual branch starts as the identity
@@ -157,6 +165,8 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, z, t, y):
+        if self.token_embedder is not None:
+            z = self.token_embedder(z).permute(0, 3, 1, 2)
         x = self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
@@ -372,44 +382,57 @@ def cfm_velocity(model, codebook, y, tau, cfg_scale, on_logits=None, endpoint=Fa
     return lambda t, z: unpatchify(network(model, z, t, y, cfg_scale)).float()
 
 
-def dfm_path(c, t, u, K, n=3):
-    """x_t = c with probability kappa(t) = t^n, else MASK (index K); u ~ U(0,1) per position."""
-    return torch.where(u < 1 - t.view(-1, 1, 1) ** n, K, c)
+def dfm_path(c, t, u, K):
+    """x_t = c with probability kappa(t) = t, else MASK (index K): the linear mixture path of the authors'
+    code; u ~ U(0,1) per position."""
+    return torch.where(u < 1 - t.view(-1, 1, 1), K, c)
 
 
-def dfm_rate(t, n=3):
-    """The jump intensity kappa'(t) / (1 - kappa(t)) of the path towards x_1, kappa = t^n."""
-    return n * t ** (n - 1) / (1 - t ** n)
-
-
-def dfm_input(x, codebook):
-    """The DiT reads indices as e_x (0 at MASK) plus a MASK-indicator channel: [B,d+1,h,w]."""
-    K = len(codebook)
-    e = torch.cat([codebook, codebook.new_zeros(1, codebook.shape[1])])[x]
-    return torch.cat([e, (x == K)[..., None].to(e)], -1).permute(0, 3, 1, 2)
+def dfm_rate(t):
+    """The jump intensity kappa'(t) / (1 - kappa(t)) = 1 / (1 - t) towards x_1."""
+    return 1 / (1 - t)
 
 
 def dfm_training_loss(model, b, codebook, z_weight):
-    logits = model(dfm_input(dfm_path(b.c, b.t, b.u, len(codebook)), codebook), b.t, b.y)
-    ce, _ = purr_loss(logits, patchify(b.c, math.isqrt(logits.shape[2])), 0.0)
-    return {"loss": ce, "ce": ce}
+    """Cross-entropy of the K + 1 logits (MASK's too, as in the authors' code) against c, and the z-loss."""
+    logits = model(dfm_path(b.c, b.t, b.u, len(codebook)), b.t, b.y)
+    ce, zloss = purr_loss(logits, patchify(b.c, math.isqrt(logits.shape[2])), z_weight)
+    return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
+
+
+def draw_codes(logits, tau, u):
+    """x ~ Cat(softmax(logits / tau)) at every position by the inverse CDF of uniforms u [...]: the draw is a
+    function of u, so each image's codes come from its own generator. In fp32 chunks, as posterior_mean."""
+    flat, u = logits.reshape(-1, logits.shape[-1]), u.reshape(-1, 1)
+    x = torch.cat([torch.searchsorted(posterior(l, tau).cumsum_(-1), v, right=True)
+                   for l, v in zip(flat.split(POSITIONS_PER_CHUNK), u.split(POSITIONS_PER_CHUNK))])
+    return x.clamp_(max=flat.shape[-1] - 1).view(logits.shape[:-1])  # u past the rounded total: the last code
 
 
 @torch.no_grad()
-def sample_dfm(model, codebook, y, shape, tau=1.0, cfg_scale=1.0, num_steps=100, n=3):
-    """Discrete Euler from all-MASK: draw x1 ~ p(x_1 | x_t); where x_t != x1, jump to x1 with
-    probability 1 - exp(-h kappa'/(1 - kappa)); the last step returns x1."""
-    K, T = len(codebook), num_steps
-    x = torch.full(shape, K, device=codebook.device)
+def sample_dfm(model, K, y, shape, seeds, tau=1.0, cfg_scale=1.0, num_steps=100):
+    """Discrete Euler on the path from all-MASK (Gat et al. 2024; flow_matching's MixtureDiscreteEulerSolver):
+    at t = s/T draw x1 ~ p(x_1 | x_t) over the K codes (x_1 is data: MASK's logit is dropped); where
+    x_t != x1, jump to x1 with probability 1 - exp(-h kappa'/(1 - kappa)); the last step returns x1. Image b's
+    uniforms come from its own generator, seeded with seeds[b]."""
+    T = num_steps
+    x = torch.full(shape, K, device=y.device)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     for s in range(T):
         t = s / T
-        logits = network(model, dfm_input(x, codebook), t, y, cfg_scale)  # token order
-        x1 = torch.multinomial(posterior(logits.reshape(-1, K), temperature(tau, t)), 1).view(logits.shape[:-1])
-        x1 = unpatchify(x1[..., None])[:, 0]
+        u = torch.stack([torch.rand(2, *shape[1:], generator=g) for g in gens], 1).to(y.device)  # draw, jump
+        logits = network(model, x, t, y, cfg_scale)[..., :K]  # token order
+        u1 = patchify(u[0], math.isqrt(logits.shape[2]))
+        x1 = unpatchify(draw_codes(logits, temperature(tau, t), u1)[..., None])[:, 0]
         if s == T - 1:
             return x1
-        jump = torch.rand(shape, device=x.device) < 1 - math.exp(-dfm_rate(t, n) / T)
-        x = torch.where(jump & (x != x1), x1, x)
+        x = torch.where((u[1] < 1 - math.exp(-dfm_rate(t) / T)) & (x != x1), x1, x)
+
+
+def check_dfm_checkpoint(ckpt, path):
+    if ckpt["args"]["objective"] == "dfm" and "token_embedder.weight" not in ckpt["ema"]:
+        raise PurrError(f"{path} holds purr's earlier DFM (kappa = t^3, codebook vectors in, K logits); DFM "
+                        "is now the paper's (kappa = t, an embedding of the codes and MASK, K + 1 logits)")
 
 
 # The one place that dispatches on the objective: its training loss, and its velocity (DFM: jumps instead).
@@ -433,12 +456,14 @@ def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100
 
 
 def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None,
-             precision="fp32"):
+             precision="fp32", seeds=None):
     """Noise z0 [B,d,h,w] -> code indices [B,h,w]: sample_latents and the nearest code of z_1, or DFM's jumps
-    (which ignore z0). bf16 runs the DiT in autocast; pi, mu, the ODE state and the tokenizer stay fp32."""
+    (which ignore z0; image b's draws from seeds[b], default b). bf16 runs the DiT in autocast; pi, mu, the
+    ODE state and the tokenizer stay fp32."""
     with torch.autocast(z0.device.type, torch.bfloat16, enabled=precision == "bf16"):
         if objective == "dfm":
-            return sample_dfm(model, tok.codebook, y, z0[:, 0].shape, tau, cfg_scale, num_steps)
+            seeds = range(len(y)) if seeds is None else seeds
+            return sample_dfm(model, len(tok.codebook), y, z0[:, 0].shape, seeds, tau, cfg_scale, num_steps)
         z1 = sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective, on_logits)
     return tok.quantize(z1)
 
@@ -456,19 +481,24 @@ def tau_schedule(kind, tau, tau_end=None):
 
 # The defaults, as (demo, --data). With --data: the paper's recipe (App. C). The built-in demo must show the
 # method in ~3 CPU minutes, so it trains the small N/4 (1.3M parameters, 4 tokens per 8x8 latent: more steps
-# per second beat a wider model or more tokens) for 1,800 steps at lr 3e-3 decayed linearly to 0 over the
+# per second beat a wider model or more tokens) for 3,000 steps at lr 3e-3 decayed linearly to 0 over the
 # last 30 % (the decay buys much of the quality), with a short EMA (half-life ~70 steps); the paper's 1e-4
 # and 0.9999 need far more steps (README: "The demo's recipe"). `--help` prints both; a checkpoint stores
 # every value; on resume a flag not given takes the checkpoint's (the data and tokenizer too, data ..
 # image_size: a resumed run needs nothing but its checkpoint). Precision "auto": default_precision().
-TRAIN_DEFAULTS = {"model": ("N/4", "S/2"), "steps": (1800, 400_000), "global_batch_size": (64, 256),
+TRAIN_DEFAULTS = {"model": ("N/4", "S/2"), "steps": (3000, 400_000), "global_batch_size": (64, 256),
                   "lr": (3e-3, 1e-4), "warmup": (0, 0), "decay": (0.3, 0.0), "ema_decay": (0.99, 0.9999),
                   "objective": ("purr", "purr"), "z_loss": (1e-5, 1e-5), "class_dropout": (0.1, 0.1),
-                  "log_every": (100, 100), "ckpt_every": (600, 50_000), "keep": (0, 0), "seed": (0, 0),
+                  "log_every": (100, 100), "ckpt_every": (1000, 50_000), "keep": (0, 0), "seed": (0, 0),
                   "precision": ("auto", "auto"), "num_workers": (0, 8), "grad_accum": (1, 1),
                   "micro_batch_size": (0, 0), "grad_checkpoint": (False, False), "compile": (False, False),
                   "data": (None, None), "demo_size": (10_000, 10_000), "vq": ("llamagen-vq-ds8",) * 2,
-                  "vq_ckpt": (None, None), "image_size": (256, 256)}
+                  "vq_ckpt": (None, None), "image_size": (256, 256), "time_scale": (1000.0, 1.0),
+                  "max_grad_norm": (0.0, 1.0), "ema_warmup": (False, True), "t_min": (0.0, 1e-3),
+                  "adam_eps": (1e-6, 1e-6)}
+# What a checkpoint saved before a setting existed was trained with: so it resumes and samples as it did.
+LEGACY_DEFAULTS = {"time_scale": 1000.0, "max_grad_norm": 0.0, "ema_warmup": False, "t_min": 0.0,
+                   "adam_eps": 1e-6}
 DEMO_TOKENIZER = {"codebook_size": 256, "dim": 8, "patch": 4, "iters": 8}  # vq.fit_tiny: K codes, d, patch side, k-means steps
 # What a resumed run may change: schedule, logging, disk, and how the same global batch is computed.
 RESUME_MAY_CHANGE = ("steps", "lr", "warmup", "decay", "log_every", "ckpt_every", "num_workers", "keep", "precision",
@@ -485,10 +515,11 @@ def learning_rate(cfg, step):
     return lr
 
 
-def train_step(model, opt, micro_batches, objective, codebook, z_weight, autocast):
+def train_step(model, opt, micro_batches, objective, codebook, z_weight, autocast, max_grad_norm=0.0):
     """One AdamW update from equal micro-batches (Batch) that together are this process's share of the
     global batch: the gradients of loss / N add up to the big batch's, and DDP all-reduces them once, on
-    the last micro-batch (no_sync on the others)."""
+    the last micro-batch (no_sync on the others). The global gradient norm (before clipping it to
+    max_grad_norm, if > 0) is returned with the losses as `grad_norm`."""
     opt.zero_grad(set_to_none=True)
     n, totals = len(micro_batches), {}
     for i, batch in enumerate(micro_batches):
@@ -498,6 +529,8 @@ def train_step(model, opt, micro_batches, objective, codebook, z_weight, autocas
             (losses["loss"] / n).backward()
         for k, v in losses.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / n
+    totals["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf,
+                                                   foreach=True)
     opt.step()
     return totals
 
@@ -508,10 +541,18 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def adamw(model, lr):
+def ema_decay(cfg, n):
+    """The decay of the EMA's n-th update (n = 1, 2, ...): ema_decay, or with ema_warmup torch_ema's
+    min(ema_decay, (1 + n) / (10 + n)) (the authors' code): shorter early on, so the EMA forgets the random
+    init sooner; at 0.9999 it binds for the first 90k updates."""
+    return min(cfg["ema_decay"], (1 + n) / (10 + n)) if cfg["ema_warmup"] else cfg["ema_decay"]
+
+
+def adamw(model, lr, eps=1e-6):
     """AdamW with App. C's settings, fused (one kernel for all parameters, on CUDA and CPU alike): PyTorch's
     default on CPU loops over the parameters in Python, ~5x slower in the demo."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999), eps=eps,
+                             fused=True)
 
 
 def train(args):
@@ -540,7 +581,8 @@ def train(args):
             micro = micro_batches(cfg, tok, x.to(device), y.to(device), step, slice(rank * b, (rank + 1) * b), n_micro)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            losses = train_step(ddp, opt, micro, cfg["objective"], codebook, cfg["z_loss"], autocast)
+            losses = train_step(ddp, opt, micro, cfg["objective"], codebook, cfg["z_loss"], autocast,
+                                cfg["max_grad_norm"])
             # One all-reduce per step: a stop request, a non-finite loss, newly met unreadable files on any rank.
             stopping, nonfinite, new_bad = agree(world, device, bool(stop), not torch.isfinite(losses["loss"]), len(fresh))
             if new_bad:
@@ -548,11 +590,13 @@ def train(args):
             if nonfinite:
                 raise PurrError(f"the loss is not finite at step {step + 1}; nothing after step {step} is saved; "
                                 f"the last good checkpoint is {last_saved or '(none)'}: resume from it with a lower --lr")
-            update_ema(ema, model, cfg["ema_decay"])
+            update_ema(ema, model, ema_decay(cfg, step + 1))
             step += 1
             log.add(step, losses, len(unreadable.seen), final=step % cfg["log_every"] == 0 or step == steps)
             if step % cfg["ckpt_every"] == 0 or step == steps or stopping:
                 last_saved = save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_saved)
+            if cfg["sample_every"] and step % cfg["sample_every"] == 0 and rank == 0:
+                sample_grid(run, step, ema, tok, cfg, device)
             if stopping:
                 say_stopped(cfg, step, last_saved, rank, world)
                 break
@@ -566,17 +610,17 @@ def micro_batches(cfg, tok, x, y, step, sl, n):
     labels with the dropped ones set to the null class, and z_0, t (and DFM's uniforms) from draw_noise."""
     c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x  # clone: inference-mode tensors -> autograd
     z0, t, drop, u = draw_noise(cfg["global_batch_size"], sl, step, cfg["seed"], cfg["latent_size"],
-                                cfg["latent_channels"], cfg["class_dropout"], x.device)
+                                cfg["latent_channels"], cfg["class_dropout"], x.device, cfg["t_min"])
     y = torch.where(drop, cfg["num_classes"], y)
     return [Batch(*m) for m in zip(*(v.chunk(n) for v in (c, y, z0, t, u)))]
 
 
-def draw_noise(G, sl, step, seed, size, d, class_dropout, device):
-    """z_0, t, label drops (and DFM's uniforms) of the whole global batch from (seed, step); each rank
-    takes its slice, so the update does not depend on the number of processes or micro-batches."""
+def draw_noise(G, sl, step, seed, size, d, class_dropout, device, t_min=0.0):
+    """z_0, t ~ U(t_min, 1), label drops (and DFM's uniforms) of the whole global batch from (seed, step);
+    each rank takes its slice, so the update does not depend on the number of processes or micro-batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     z0 = torch.randn(G, d, size, size, generator=g)[sl]
-    t = torch.rand(G, generator=g)[sl]
+    t = t_min + (1 - t_min) * torch.rand(G, generator=g)[sl]
     drop = torch.rand(G, generator=g)[sl] < class_dropout
     u = torch.rand(G, size, size, generator=g)[sl]
     return z0.to(device), t.to(device), drop.to(device), u.to(device)
@@ -596,7 +640,8 @@ def resolve_config(args, ckpt):
     cfg, changed = {k: v for k, v in vars(args).items() if k != "func"}, []
     demo = (args.data or (ckpt["args"]["data"] if ckpt else None)) is None
     for k, (demo_value, value) in TRAIN_DEFAULTS.items():
-        given, old = cfg[k], (ckpt["args"].get(k, demo_value if demo else value) if ckpt else None)
+        given, old = cfg[k], (ckpt["args"].get(k, LEGACY_DEFAULTS.get(k, demo_value if demo else value))
+                              if ckpt else None)
         if ckpt and given is not None and given != old:
             if k not in RESUME_MAY_CHANGE:
                 raise PurrError(f"the checkpoint was trained with --{k.replace('_', '-')} {old}, not {given}: resume "
@@ -650,10 +695,12 @@ def latent_shape(cfg, data, tok):
 
 def build_model(a):
     """The DiT of a run, from its settings: one place, so train and sample always agree."""
-    d, objective = a["latent_channels"], a["objective"]
-    return DiT_models[a["model"]](input_size=a["latent_size"], in_channels=d + (objective == "dfm"),
-                                  codebook_size=a["codebook_size"], num_classes=a["num_classes"],
-                                  out_channels=d if objective.startswith("cfm") else None)
+    d, K, objective = a["latent_channels"], a["codebook_size"], a["objective"]
+    dfm = objective == "dfm"  # indices with MASK = K in, K + 1 logits out (the authors' DFM)
+    return DiT_models[a["model"]](input_size=a["latent_size"], in_channels=d, codebook_size=K,
+                                  num_classes=a["num_classes"], vocab_size=K + 1 if dfm else None,
+                                  out_channels=d if objective.startswith("cfm") else K + 1 if dfm else None,
+                                  time_scale=a.get("time_scale", LEGACY_DEFAULTS["time_scale"]))
 
 
 def build_training(cfg, ckpt, path, device):
@@ -662,13 +709,14 @@ def build_training(cfg, ckpt, path, device):
     model = build_model(cfg).to(device)
     model.grad_checkpoint = cfg["grad_checkpoint"]
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = adamw(model, cfg["lr"])
+    opt = adamw(model, cfg["lr"], cfg["adam_eps"])
     if not ckpt:
         return model, ema, opt, 0
     differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("latent_size", "latent_channels", "codebook_size",
                                                                       "num_classes") if ckpt["args"][k] != cfg[k]]
     if differ:
         raise PurrError(f"{path} was trained with {', '.join(differ)}: resume with the same model and data")
+    check_dfm_checkpoint(ckpt, path)
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])  # its lr is set at every step from the run's settings
@@ -685,6 +733,21 @@ def announce(cfg, model, data, tok, layout, resumed, changed):
     if changed:
         print("resume: " + ", ".join(changed), flush=True)
     return run
+
+
+def sample_grid(run, step, ema, tok, cfg, device, per_label=4):
+    """--sample-every: a grid from the EMA weights in RUN/samples/STEP.png, its noise and labels drawn from
+    the run's seed alone, so that successive grids differ by the training only (tau 0.8, 100 Euler steps)."""
+    labels = default_labels(cfg["num_classes"], grid=True)
+    y = torch.tensor(labels).repeat_interleave(per_label).to(device)
+    d, size = cfg["latent_channels"], cfg["latent_size"]
+    with torch.no_grad():  # generators only: the training's random state is left as it was
+        z0 = torch.randn(len(y), d, size, size, generator=torch.Generator().manual_seed(cfg["seed"]))
+        z0 = z0.to(device)
+        c = generate(ema, tok, cfg["objective"], y, z0, tau=0.8, precision=cfg["precision"],
+                     seeds=cfg["seed"] * 10_000_019 + torch.arange(len(y)))
+    os.makedirs(os.path.join(run, "samples"), exist_ok=True)
+    save_grid(vqlib.to_uint8(tok.decode(c)), len(labels), os.path.join(run, "samples", f"{step:07d}.png"))
 
 
 def say_stopped(cfg, step, last_saved, rank, world):
@@ -705,6 +768,7 @@ def sample(args):
     rank, world, device = setup_distributed()
     model, tok, a, step = load_sampler(ckpt_path, args.vq_ckpt, device)
     labels, y = sample_labels(args, a)
+    args.tau = objective_tau(args, a)
     n, size, d, grid = len(y), a["latent_size"], a["latent_channels"], args.out.endswith(".png")
     mine = range(rank * n // world, (rank + 1) * n // world)
     net = compile_in_place(model) if args.compile else model
@@ -715,17 +779,20 @@ def sample(args):
     images, entropies, progress = [], [], Progress("sample", n, len(mine), "images")
     for i in range(mine.start, mine.stop, args.batch_size):
         idx = range(i, min(i + args.batch_size, mine.stop))
-        z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(args.seed * 10_000_019 + j))
-                          for j in idx]).to(device)
-        torch.manual_seed(args.seed * 10_000_019 + i)  # DFM's jumps
+        seeds = [args.seed * 10_000_019 + j for j in idx]  # image j's noise (or DFM's draws) from (seed, j)
+        z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(s))
+                          for s in seeds]).to(device)
         record = entropy_recorder(model, tau, args.entropy_t, entropies) if args.entropy_map else None
         c = generate(net, tok, a["objective"], y[idx.start:idx.stop].to(device), z0, tau, args.cfg_scale,
-                     args.num_steps, args.method, record, args.precision)
+                     args.num_steps, args.method, record, args.precision, seeds)
         images.append(vqlib.to_uint8(tok.decode(c)).cpu())
         if rank == 0:
             progress.update(len(idx))
     images = torch.cat(images) if images else torch.zeros(0, 3, size * tok.downsample, size * tok.downsample, dtype=torch.uint8)
     np.save(f"{args.out}.rank{rank}.npy", images.permute(0, 2, 3, 1).numpy())
+    if args.entropy_map:  # each rank's share, merged by rank 0 as the images are
+        h = torch.cat(entropies or [torch.zeros(0, size, size)])
+        np.save(f"{args.out}.rank{rank}.entropy.npy", h.cpu().numpy())
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
@@ -733,9 +800,13 @@ def sample(args):
                   f"{f' -> {args.tau_end} ({args.tau_schedule})' if args.tau_schedule != 'constant' else ''} "
                   f"cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
         write_samples(args, world, labels, y, grid, recipe)
-        if args.entropy_map and entropies and world == 1:
+        if args.entropy_map:
+            shards = [f"{args.out}.rank{r}.entropy.npy" for r in range(world)]
+            h = torch.from_numpy(np.concatenate([np.load(s) for s in shards])) / math.log(a["codebook_size"])
             emap = os.path.splitext(args.out)[0] + "_entropy.png"
-            save_grid(heat(torch.cat(entropies) / math.log(a["codebook_size"]), images.shape[-1]), len(labels), emap)
+            save_grid(heat(h, images.shape[-1]), len(labels), emap)
+            for s in shards:
+                os.remove(s)
             print(f"entropy of pi at t={args.entropy_t} (0 black .. log K white) -> {emap}")
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -750,12 +821,16 @@ def compile_in_place(model):
 
 def check_sample_args(args):
     """One line for each bad flag; the checkpoint to sample from."""
-    if args.tau <= 0 or (args.tau_end is not None and args.tau_end <= 0):
+    if (args.tau is not None and args.tau <= 0) or (args.tau_end is not None and args.tau_end <= 0):
         raise PurrError(f"--tau {args.tau}: the softmax temperature must be > 0 (the paper uses 0.8-0.9)")
     if (args.tau_schedule == "linear") != (args.tau_end is not None):
         raise PurrError("--tau-schedule linear goes from --tau at t = 0 to --tau-end at t = 1: give both, or neither")
     if args.num_steps < 1:
         raise PurrError(f"--num-steps {args.num_steps}: need at least 1 integration step (default 100)")
+    last = (args.num_steps - 1) / args.num_steps  # the sampler's last evaluation of pi, t = (T - 1)/T
+    if args.entropy_map and not 0 <= args.entropy_t <= last:
+        raise PurrError(f"--entropy-t {args.entropy_t}: with --num-steps {args.num_steps} the sampler "
+                        f"evaluates pi at t from 0 to {last:g}; choose t in that range")
     if not args.out.endswith((".png", ".npz")):
         raise PurrError(f"--out {args.out}: write a grid (.png) or an ADM sample batch (.npz)")
     if args.fid_ref and not os.path.isfile(args.fid_ref):
@@ -764,6 +839,16 @@ def check_sample_args(args):
     if ckpt_path is None:
         raise PurrError(f"no checkpoint under {args.results_dir}/; train first ('python purr.py train') or pass --ckpt PATH")
     return ckpt_path
+
+
+def objective_tau(args, a):
+    """--method and --tau for the checkpoint's objective -> the tau to sample at. DFM jumps by discrete Euler
+    steps only, and samples at tau = 1 (its model's own distribution) unless --tau is given; others at 0.8."""
+    dfm = a["objective"] == "dfm"
+    if dfm and args.method != "euler":
+        raise PurrError(f"--method {args.method}: DFM samples by discrete Euler jumps (--method euler); "
+                        "the ODE solvers are for purr, cfm and cfm-endpoint")
+    return args.tau if args.tau is not None else 1.0 if dfm else 0.8
 
 
 def sample_labels(args, a):
@@ -812,8 +897,9 @@ def write_samples(args, world, labels, y, grid, recipe):
         os.remove(s)
     print(f"purr sample: {recipe} -> {args.out}", flush=True)
     if args.fid_ref:
-        ours, ref = fid.statistics(args.out), fid.statistics(args.fid_ref)
-        print(f"FID {fid.frechet_distance(ours['mu'], ours['sigma'], ref['mu'], ref['sigma']):.3f} vs {args.fid_ref}: {recipe}")
+        model = fid.load_inception()
+        results = fid.metrics(fid.statistics(args.out, model), fid.statistics(args.fid_ref, model))
+        print(f"vs {args.fid_ref}: {recipe}\n" + "\n".join(fid.report(results)), flush=True)
 
 
 def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
@@ -822,6 +908,7 @@ def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
     a, spec = ckpt["args"], ckpt["vq"]
     tok = vqlib.load_tokenizer("tiny", ckpt_path) if spec["name"] == "tiny" else \
         vqlib.load_tokenizer(spec["name"], vq_ckpt or spec["ckpt"])
+    check_dfm_checkpoint(ckpt, ckpt_path)
     model = build_model(a)
     model.load_state_dict(ckpt["ema"])
     return model.eval().to(device), tok.to(device), a, ckpt["step"]
@@ -988,6 +1075,14 @@ def parser():
     t.add_argument("--warmup", type=int, help=default_help("warmup", "steps of linear lr warm-up"))
     t.add_argument("--decay", type=float, help=default_help("decay", "last fraction of the steps, lr decaying linearly to 0"))
     t.add_argument("--ema-decay", type=float, help=default_help("ema_decay"))
+    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help=default_help(
+        "ema_warmup", "decay min(--ema-decay, (1 + n)/(10 + n)) at update n, as torch_ema does"))
+    t.add_argument("--max-grad-norm", type=float, help=default_help(
+        "max_grad_norm", "clip the global gradient norm to this (0: no clipping)"))
+    t.add_argument("--t-min", type=float, help=default_help("t_min", "training times t ~ U(t_min, 1)"))
+    t.add_argument("--adam-eps", type=float, help=default_help("adam_eps", "AdamW's eps"))
+    t.add_argument("--time-scale", type=float, help=default_help(
+        "time_scale", "the DiT embeds time_scale * t (DiT: 1000; the authors' code: 1)"))
     t.add_argument("--objective", choices=OBJECTIVES,
                    help=default_help("objective", "purr (Eq. 14) or a baseline of Sec. 4.1: cfm, cfm-endpoint, dfm"))
     t.add_argument("--z-loss", type=float, help=default_help("z_loss", "weight of (log Z)^2 (App. D)"))
@@ -995,6 +1090,8 @@ def parser():
     t.add_argument("--results-dir", default="results")
     t.add_argument("--log-every", type=int, help=default_help("log_every"))
     t.add_argument("--ckpt-every", type=int, help=default_help("ckpt_every"))
+    t.add_argument("--sample-every", type=int, default=0, metavar="N",
+                   help="every N steps, a grid from the EMA weights in RUN/samples/ (same noise, same labels)")
     t.add_argument("--keep", type=int, help=default_help("keep", "keep the newest N checkpoints of the run (0: all)"))
     t.add_argument("--resume", nargs="?", const="latest", help="checkpoint to resume (default: newest)")
     t.add_argument("--precision", choices=["bf16", "fp32"],
@@ -1008,7 +1105,7 @@ def parser():
     s.add_argument("--ckpt", help="checkpoint (default: the newest under --results-dir)")
     s.add_argument("--results-dir", default="results")
     s.add_argument("--vq-ckpt", help="tokenizer file, if it moved since training")
-    s.add_argument("--tau", type=float, default=0.8, help="softmax temperature (Eq. 15); the paper uses 0.8-0.9")
+    s.add_argument("--tau", type=float, help="softmax temperature (Eq. 15): 0.8, DFM 1 (paper: 0.8-0.9)")
     s.add_argument("--tau-schedule", default="constant", choices=["constant", "linear"],
                    help="linear: tau(t) from --tau at t = 0 to --tau-end at t = 1")
     s.add_argument("--tau-end", type=float, help="tau at t = 1 of --tau-schedule linear")
@@ -1019,7 +1116,8 @@ def parser():
     s.add_argument("--class-labels", type=int, nargs="+")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default="samples.png", help=".png: a grid, one row per label; .npz: ADM batch")
-    s.add_argument("--fid-ref", help="reference statistics .npz: print the FID of the samples (fid.py)")
+    s.add_argument("--fid-ref", help="reference .npz (fid.py --save-stats, or ADM's reference batch): print "
+                                     "FID, sFID, IS, precision, recall and KID of the samples")
     s.add_argument("--entropy-map", action="store_true", help="also save the entropy of pi per position")
     s.add_argument("--entropy-t", type=float, default=0.5, help="the time t of the entropy map")
     s.add_argument("--seed", type=int, default=0)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import appendix
 import fid
@@ -104,6 +105,29 @@ def glob_one(root, name):
 
 def final_state(root):
     return torch.load(appendix.checkpoint_paths(str(root))[-1], weights_only=True)
+
+
+def with_perturbed_ema(ckpt_path, out):
+    """A copy of a checkpoint whose EMA weights (the ones sample uses) are perturbed, so that its samples
+    depend on their noise (a 2-step model's pi is uniform); the live weights stay as trained."""
+    ckpt, g = torch.load(ckpt_path, weights_only=True), torch.Generator().manual_seed(0)
+    ckpt["ema"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in ckpt["ema"].items()}
+    torch.save(ckpt, out)
+    return str(out)
+
+
+class TF32Seen(TorchDispatchMode):
+    """Records torch.backends.cuda.matmul.allow_tf32 at every matrix product run inside: the CPU never uses
+    TF32, so the setting is observed, not its effect."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.matmul):  # matmul: under inference_mode
+            self.products.append(torch.backends.cuda.matmul.allow_tf32)
+        return func(*args, **(kwargs or {}))
 
 
 # --- DiT ------------------------------------------------------------------------------------------
@@ -269,6 +293,28 @@ def test_small_tau_makes_mu_the_argmax_code():
     assert not torch.allclose(purr.posterior_mean(logits, codebook, 1.0), mu, atol=1e-2)
 
 
+def test_guided_sampling_is_the_formula_on_the_in_place_path():
+    """Sampling (no autograd) guides in place: one Euler step lands on mu of the logits u + s (c - u)."""
+    model, codebook = small_dit(), torch.randn(16, 4)
+    y, z0, t = torch.tensor([0, 2]), torch.randn(2, 4, 4, 4), torch.zeros(2)
+    cond, uncond = (image_order(model(z0, t, labels)) for labels in (y, torch.full_like(y, 3)))
+    mu = purr.posterior_mean(uncond + 1.5 * (cond - uncond), codebook, 0.8).permute(0, 3, 1, 2)
+    got = purr.sample_latents(model, codebook, y, z0, tau=0.8, cfg_scale=1.5, num_steps=1)
+    assert torch.allclose(got, mu, atol=1e-5)
+
+
+def test_mu_is_full_fp32_under_bf16_autocast_and_global_tf32(monkeypatch):
+    """mu = pi E is a full fp32 product: not bf16 under autocast, nor TF32 with TF32 on globally (purr's GPU
+    setting); the global setting comes back after."""
+    logits, codebook = (3 * torch.randn(2, 3, 3, 64)).bfloat16(), torch.randn(64, 4)
+    want = torch.softmax(logits.double() / 0.8, -1) @ codebook.double()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    with torch.autocast("cpu", torch.bfloat16), TF32Seen() as seen:
+        mu = purr.posterior_mean(logits, codebook, 0.8)
+    assert mu.dtype == torch.float32 and torch.allclose(mu.double(), want, atol=1e-5)
+    assert seen.products and not any(seen.products) and torch.backends.cuda.matmul.allow_tf32
+
+
 class OneHotPosterior(torch.nn.Module):
     """A network whose posterior is one-hot on given codes, whatever z_t; records the times it sees."""
 
@@ -302,10 +348,27 @@ def test_demo_data_is_deterministic_and_balanced():
     assert not torch.equal(a, appendix.demo_dataset(40, seed=4)[0])
 
 
-def test_global_batch_plan_is_a_permutation_per_epoch():
-    seen = torch.cat([appendix.global_batch_plan(10, s, 5, seed=1)[0] for s in range(2)])
-    assert sorted(seen.tolist()) == list(range(10))
+def test_global_batch_plan_is_a_new_permutation_each_epoch():
+    epochs = [torch.cat([appendix.global_batch_plan(10, s, 5, seed=1)[0] for s in (2 * e, 2 * e + 1)])
+              for e in (0, 1)]
+    assert all(sorted(order.tolist()) == list(range(10)) for order in epochs) and not torch.equal(*epochs)
     assert torch.equal(appendix.global_batch_plan(10, 1, 5, 1)[0], appendix.global_batch_plan(10, 1, 5, 1)[0])
+
+
+def test_data_settings_are_app_c_and_adamw_is_built_with_them():
+    """With --data: App. C's recipe (constant lr 1e-4, batch 256, EMA 0.9999, z-loss 1e-5; DiT's label
+    dropout), and the optimizer as built is AdamW at that lr, weight decay 0.01, betas (0.9, 0.999), eps 1e-6.
+    """
+    cfg, _ = purr.resolve_config(purr.parser().parse_args(["train", "--data", "imagenet/train"]), None)
+    app_c = {"lr": 1e-4, "warmup": 0, "decay": 0.0, "global_batch_size": 256, "ema_decay": 0.9999,
+             "z_loss": 1e-5, "class_dropout": 0.1, "objective": "purr"}
+    assert {k: cfg[k] for k in app_c} == app_c
+    cfg.update(model="T/1", latent_size=4, latent_channels=4, codebook_size=16, num_classes=3)  # a small DiT
+    opt = purr.build_training(cfg, None, None, torch.device("cpu"))[2]
+    group = opt.param_groups[0]
+    assert type(opt) is torch.optim.AdamW and not group["amsgrad"]
+    hyper = (group["lr"], group["weight_decay"], group["betas"], group["eps"])
+    assert hyper == (1e-4, 0.01, (0.9, 0.999), 1e-6)
 
 
 @pytest.mark.slow  # trains or starts torchrun
@@ -353,14 +416,14 @@ def test_each_objective_loss_equals_its_formula():
         losses = purr.training_losses(net, objective, purr.Batch(c, y, z0, t, u), codebook, 1e-5)
         assert torch.allclose(losses["loss"], ((out.permute(0, 3, 1, 2) - target) ** 2).mean())
         assert torch.allclose(net.inputs[0][0], 0.3 * z1 + 0.7 * z0)  # the same interpolant as Purrception
-    logits = torch.randn(1, 2, 2, 6)
+    logits = torch.randn(1, 2, 2, 7)  # DFM: K + 1 logits, MASK's last
     net = Fixed(logits)
     losses = purr.training_losses(net, "dfm", purr.Batch(c, y, z0, t, u), codebook, 1e-5)
-    assert torch.allclose(losses["loss"], F.cross_entropy(logits.reshape(-1, 6), c.reshape(-1)))
-    # kappa(0.3) = 0.027: positions with u < 0.973 are MASK (zero vector, indicator 1); u = 0.99 keeps c = 5
-    x = net.inputs[0][0]
-    assert torch.equal(x[0, 2], torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
-    assert torch.equal(x[0, :2, 0, 1], codebook[5]) and torch.equal(x[0, :2, 0, 0], torch.zeros(2))
+    flat = logits.reshape(-1, 7)
+    ce, zloss = F.cross_entropy(flat, c.reshape(-1)), 1e-5 * torch.logsumexp(flat, -1).pow(2).mean()
+    assert torch.allclose(losses["loss"], ce + zloss) and torch.allclose(losses["zloss"], zloss)
+    # kappa(0.3) = 0.3: positions with u < 0.7 read MASK (index K = 6); u = 0.99 keeps c = 5
+    assert torch.equal(net.inputs[0][0], torch.tensor([[[6, 5], [6, 6]]]))
 
 
 def test_baseline_samplers_first_steps_by_hand():
@@ -373,18 +436,24 @@ def test_baseline_samplers_first_steps_by_hand():
     net = Fixed(out)
     z = purr.sample_latents(net, codebook, y, z0, num_steps=T, objective="cfm-endpoint")
     assert torch.allclose(net.inputs[1][0], z0 + (v - z0) / T, atol=1e-6) and torch.allclose(z, v, atol=1e-5)
-    # DFM, T = 2: from all-MASK draw x1; at t = 0 the rate kappa'/(1-kappa) is 0, so nothing jumps; then
-    # the last step returns a fresh draw x1.
-    logits = torch.randn(1, 2, 2, 6)
-    torch.manual_seed(0)
-    got = purr.sample_dfm(Fixed(logits), codebook, y, (1, 2, 2), tau=0.5, num_steps=2)
-    torch.manual_seed(0)
-    probs = torch.softmax(logits.reshape(-1, 6) / 0.5, -1)
-    torch.multinomial(probs, 1)
-    torch.rand(1, 2, 2)
-    assert torch.equal(got, torch.multinomial(probs, 1).view(1, 2, 2))
+
+def test_dfm_sampler_steps_by_hand():
+    """T = 2 from all-MASK, image b's uniforms (draw, jump) from seed b: at t = 0 draw x1 from the K codes by
+    the inverse CDF (MASK's logit, here the largest, dropped); jump to it with probability 1 - exp(-h / (1 - t))
+    = 1 - exp(-1/2); at t = 1/2 return a fresh draw."""
+    logits = torch.randn(2, 3, 3, 7)
+    logits[..., 6] = 10.0
+    net, y = Fixed(logits), torch.tensor([0, 1])
+    got = purr.sample_dfm(net, 6, y, (2, 3, 3), seeds=[5, 9], tau=0.5, num_steps=2)
+    cdf = torch.softmax(logits[..., :6] / 0.5, -1).cumsum(-1)
+    u = [[torch.rand(2, 3, 3, generator=g) for _ in range(2)] for g in (torch.Generator().manual_seed(s) for s in (5, 9))]
+    draw = lambda s: torch.stack([(cdf[b] <= u[b][s][0][..., None]).sum(-1) for b in range(2)])  # noqa: E731
+    jump = torch.stack([u[b][0][1] < 1 - math.exp(-0.5) for b in range(2)])
+    assert torch.equal(net.inputs[0][0], torch.full((2, 3, 3), 6)) and net.inputs[1][1].eq(0.5).all()
+    assert 0 < jump.sum() < 18 and torch.equal(net.inputs[1][0], torch.where(jump, draw(0), 6))
+    assert torch.equal(got, draw(1))
     c = torch.randint(0, 6, (2, 3, 3))  # a posterior one-hot on c is reached by DFM too
-    assert torch.equal(purr.sample_dfm(Fixed(50.0 * F.one_hot(c, 6)), codebook, y, (2, 3, 3), num_steps=5), c)
+    assert torch.equal(purr.sample_dfm(Fixed(50.0 * F.one_hot(c, 7)), 6, y, (2, 3, 3), [0, 1], num_steps=5), c)
 
 
 def test_dfm_path_and_jump_rate_match_flow_matching():
@@ -393,12 +462,69 @@ def test_dfm_path_and_jump_rate_match_flow_matching():
     from flow_matching.path.scheduler import PolynomialConvexScheduler
     K, c, t = 16, torch.randint(0, 16, (4, 5, 5)), torch.rand(4)
     torch.manual_seed(1)
-    theirs = MixtureDiscreteProbPath(PolynomialConvexScheduler(n=3.0)).sample(
+    theirs = MixtureDiscreteProbPath(PolynomialConvexScheduler(n=1.0)).sample(
         x_0=torch.full_like(c, K), x_1=c, t=t).x_t
     torch.manual_seed(1)
     assert torch.equal(purr.dfm_path(c, t, torch.rand(c.shape), K), theirs)
-    s = PolynomialConvexScheduler(n=3.0)(torch.tensor([0.1, 0.5, 0.9]))
-    assert torch.allclose(purr.dfm_rate(torch.tensor([0.1, 0.5, 0.9])), s.d_alpha_t / (1 - s.alpha_t))
+    t = torch.tensor([0.0, 0.3, 0.8])  # kappa(t) = t: x_t = c with probability t
+    x = purr.dfm_path(torch.zeros(3, 200, 200, dtype=torch.long), t, torch.rand(3, 200, 200), K)
+    assert torch.allclose(x.eq(0).float().mean((1, 2)), t, atol=0.01) and set(x.unique().tolist()) == {0, K}
+    s = PolynomialConvexScheduler(n=1.0)(torch.tensor([0.0, 0.1, 0.5, 0.9]))
+    assert torch.allclose(purr.dfm_rate(torch.tensor([0.0, 0.1, 0.5, 0.9])), s.d_alpha_t / (1 - s.alpha_t))
+
+
+def test_dfm_model_reads_an_embedding_of_the_codes_and_mask_and_predicts_k_plus_1_logits():
+    a = {"model": "T/2", "objective": "dfm", "latent_size": 4, "latent_channels": 8, "codebook_size": 16,
+         "num_classes": 3}
+    model = purr.build_model(a)
+    assert model.token_embedder.weight.shape == (17, 256) and model.x_embedder.in_channels == 256
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_()
+    x, t, y = torch.randint(0, 17, (2, 4, 4)), torch.rand(2), torch.tensor([0, 1])
+    out = model(x, t, y)
+    assert out.shape == (2, 4, 4, 17)
+    x2 = x.clone()
+    x2[0, 0, 0] = (x[0, 0, 0] + 1) % 17  # one token changes the logits through its embedding
+    assert not torch.allclose(model(x2, t, y)[0], out[0]) and torch.equal(model(x2, t, y)[1], out[1])
+    assert purr.build_model({**a, "objective": "purr"}).token_embedder is None
+
+
+@pytest.fixture(scope="module")
+def dfm_ckpt(tmp_path_factory):
+    """A 2-step demo DFM checkpoint whose EMA weights are perturbed, so that its samples depend on the draws."""
+    root = tmp_path_factory.mktemp("dfm")
+    run = train_cli(root, "--objective", "dfm", "--steps", "2", "--demo-size", "200", "--global-batch-size", "4")
+    return with_perturbed_ema(os.path.join(run, "checkpoints", "0000002.pt"), root / "perturbed.pt")
+
+
+def sample_dfm_cli(ckpt, out, *flags):
+    purr.main(["sample", "--ckpt", ckpt, "--num-steps", "3", "--num-samples", "5", "--class-labels", "3",
+               "--out", str(out), *flags])
+    return np.load(out)["arr_0"]
+
+
+def test_dfm_samples_do_not_depend_on_the_batch_size(dfm_ckpt, tmp_path):
+    images = [sample_dfm_cli(dfm_ckpt, tmp_path / f"{b}.npz", "--batch-size", str(b)) for b in (2, 5)]
+    assert np.array_equal(*images) and len(np.unique(images[0], axis=0)) == 5  # one label: the draws differ
+
+
+def test_dfm_samples_at_tau_1_unless_tau_is_given(dfm_ckpt, tmp_path, capsys):
+    default = sample_dfm_cli(dfm_ckpt, tmp_path / "default.npz")
+    assert "dfm), tau=1.0 " in capsys.readouterr().out
+    assert np.array_equal(default, sample_dfm_cli(dfm_ckpt, tmp_path / "one.npz", "--tau", "1"))
+    assert not np.array_equal(default, sample_dfm_cli(dfm_ckpt, tmp_path / "hot.npz", "--tau", "3"))
+    assert "dfm), tau=3.0 " in capsys.readouterr().out
+
+
+def test_dfm_refuses_other_methods_and_old_checkpoints(dfm_ckpt, tmp_path):
+    assert_one_line_error(run_cli("sample", "--ckpt", dfm_ckpt, "--method", "midpoint"), "--method midpoint", "DFM")
+    ckpt = torch.load(dfm_ckpt, weights_only=True)
+    for k in ("model", "ema"):  # the earlier DFM's layout: no token embedding
+        ckpt[k] = {n: v for n, v in ckpt[k].items() if not n.startswith("token_embedder")}
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert_one_line_error(run_cli("sample", "--ckpt", str(tmp_path / "old.pt")), "old.pt", "earlier DFM")
+    with pytest.raises(appendix.PurrError, match="earlier DFM"):
+        train_cli(tmp_path, "--resume", str(tmp_path / "old.pt"), "--steps", "3")
 
 
 @pytest.mark.slow  # trains or starts torchrun
@@ -444,6 +570,14 @@ def test_two_processes_give_the_same_update_as_one(tmp_path):
     assert not torch.allclose(one["model"]["final_layer.linear.weight"], start["final_layer.linear.weight"])
 
 
+def test_a_resumed_demo_run_keeps_its_checkpoints_tokenizer(tmp_path, monkeypatch):
+    run = fast_demo_train(tmp_path, "--steps", "1")  # with a 16-code tokenizer, not DEMO_TOKENIZER's 256
+    monkeypatch.setattr(vqlib, "fit_tiny", None)  # a resumed run fits nothing
+    train_cli(tmp_path, "--resume", os.path.join(run, "checkpoints", "0000001.pt"), "--steps", "2")
+    first, last = (appendix.load_checkpoint(os.path.join(run, "checkpoints", f"000000{i}.pt")) for i in (1, 2))
+    assert all(torch.equal(v, last["vq"]["state"][k]) for k, v in first["vq"]["state"].items())
+
+
 @pytest.mark.slow  # trains or starts torchrun
 def test_resume_is_exact(tmp_path):
     common = ["--global-batch-size", "8", "--demo-size", "200", "--ckpt-every", "2"]
@@ -486,7 +620,9 @@ def image_folder(tmp_path_factory):
 
 
 @pytest.mark.slow  # trains or starts torchrun
-def test_sigterm_saves_exits_0_and_resume_equals_no_interruption(tmp_path):
+def test_sigterm_saves_exits_0_and_the_printed_resume_equals_no_interruption(tmp_path):
+    """The resume command train prints after a signal needs nothing but the checkpoint: the demo's size and
+    tiny tokenizer come back from it (else a refitted tokenizer on the default 10,000 images would train)."""
     common = ["--global-batch-size", "8", "--demo-size", "200", "--ckpt-every", "1000", "--log-every", "1",
               "--num-workers", "0"]
     assert run_cli("train", "--steps", "40", "--results-dir", str(tmp_path / "straight"), *common).returncode == 0
@@ -500,10 +636,12 @@ def test_sigterm_saves_exits_0_and_resume_equals_no_interruption(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     reached = appendix.load_checkpoint(appendix.checkpoint_paths(str(tmp_path / "cut"))[-1])["step"]
-    assert 3 <= reached < 40 and f"stopped by signal at step {reached}/40" in out and "--resume" in out
-    assert run_cli("train", "--steps", "40", "--resume", "--results-dir", str(tmp_path / "cut"), *common).returncode == 0
+    assert 3 <= reached < 40 and f"stopped by signal at step {reached}/40" in out
+    resumed = run_cli(*re.search(r"resume with: python purr.py (.*)$", out, re.M).group(1).split())
+    assert resumed.returncode == 0 and " 200 images, tokenizer tiny (K=256," in resumed.stdout, resumed.stderr
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "cut")
     assert a["step"] == b["step"] == 40
+    assert all(torch.equal(v, b["vq"]["state"][k]) for k, v in a["vq"]["state"].items())  # the codebook
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
@@ -751,10 +889,28 @@ def test_compiled_training_step_equals_eager():
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_eager, g_comp))
 
 
+@pytest.mark.slow  # trains or starts torchrun
+def test_sample_and_bench_compile_run_the_compiled_network(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """--compile compiles what sampling runs (forward_with_cfg), not a wrapper it never calls: dynamo's
+    backend is swapped for one that counts the runs of the graphs it captured (no C++ compiler needed)."""
+    runs, real = [], torch.compile
+    backend = lambda gm, inputs: lambda *a: runs.append(1) or gm(*a)  # noqa: E731
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: real(*a, **{**kw, "backend": backend}))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    purr.main(["sample", "--ckpt", tiny_ckpt, "--num-steps", "3", "--num-samples", "2", "--compile",
+               "--out", str(tmp_path / "s.png")])
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0 and len(runs) >= 3, runs
+    runs.clear()
+    purr.main(["bench", "--model", "T/2", "--latent-size", "8", "--codebook-size", "64", "--batch-size", "2",
+               "--steps", "2", "--warmup", "1", "--precision", "fp32", "--sample", "--compile"])
+    assert "compiled" in capsys.readouterr().out and len(runs) >= 3
+    torch._dynamo.reset()
+
+
 def test_guided_bf16_sampling_keeps_one_K_wide_tensor_and_fp32_state(monkeypatch):
     """Under bf16 no fp32 tensor as large as the [B,h,w,K] posterior is ever made (mu by chunks), and
     the ODE state stays fp32, close to the fp32 run."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     B, K, size = 2, 64, 8
     model, codebook = small_dit(K=K, d=4, size=size, patch=2), torch.randn(K, 4)
     y, z0 = torch.tensor([0, 1]), torch.randn(B, 4, size, size)
@@ -778,15 +934,46 @@ def test_guided_bf16_sampling_keeps_one_K_wide_tensor_and_fp32_state(monkeypatch
 
 @pytest.mark.slow  # trains or starts torchrun
 def test_sampling_across_ranks_writes_one_balanced_adm_batch(tiny_ckpt, tmp_path, capsys):
-    common = ["sample", "--ckpt", tiny_ckpt, "--num-steps", "3", "--num-samples", "13", "--batch-size", "4"]
+    ckpt = with_perturbed_ema(tiny_ckpt, tmp_path / "ckpt.pt")
+    common = ["sample", "--ckpt", ckpt, "--num-steps", "3", "--num-samples", "13", "--batch-size", "4",
+              "--entropy-map"]
     torchrun(2, *common, "--out", str(tmp_path / "two.npz"))
     purr.main([*common, "--out", str(tmp_path / "one.npz")])
     assert re.search(r"^sample: 13/13 images, [\d.]+ images/s, done$", capsys.readouterr().err, re.M)
     two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
     assert two["arr_0"].shape == (13, 32, 32, 3) and two["arr_0"].dtype == np.uint8
     assert np.array_equal(two["arr_1"], np.arange(13) % 10)
-    assert np.array_equal(two["arr_0"], one["arr_0"])  # the same images on any number of processes
-    assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]  # the rank shards are gone
+    assert np.array_equal(two["arr_0"], one["arr_0"])  # the same images and entropies on any number of ranks
+    assert np.array_equal(*(np.asarray(Image.open(tmp_path / f"{n}_entropy.png")) for n in ("two", "one")))
+    shards_gone = ["ckpt.pt", "one.npz", "one_entropy.png", "two.npz", "two_entropy.png"]
+    assert sorted(os.listdir(tmp_path)) == shards_gone
+
+
+def test_sample_uses_the_ema_weights(tiny_ckpt, tmp_path):
+    ckpt = appendix.load_checkpoint(with_perturbed_ema(tiny_ckpt, tmp_path / "ckpt.pt"))
+    model = purr.load_sampler(str(tmp_path / "ckpt.pt"))[0]
+    key = "final_layer.linear.weight"
+    assert not torch.equal(ckpt["ema"][key], ckpt["model"][key])
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
+
+
+def test_sampled_images_do_not_depend_on_the_batch_size(tiny_ckpt, tmp_path):
+    ckpt = with_perturbed_ema(tiny_ckpt, tmp_path / "ckpt.pt")
+    for b in (2, 5):
+        purr.main(["sample", "--ckpt", ckpt, "--num-steps", "2", "--num-samples", "7", "--batch-size", str(b),
+                   "--class-labels", "3", "--out", str(tmp_path / f"{b}.npz")])
+    images = [np.load(tmp_path / f"{b}.npz")["arr_0"] for b in (2, 5)]
+    assert np.array_equal(*images) and len(np.unique(images[0], axis=0)) == 7  # one label: the noise differs
+
+
+def test_logged_losses_are_means_over_processes_and_steps(tmp_path, monkeypatch):
+    """Rank 0 logs 1 and 3 over two steps; the other rank's sum, 12 (5 and 7), comes by a stand-in all-reduce.
+    """
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.add_(12.0))
+    log = appendix.Log(str(tmp_path), 2, 8, 0)
+    log.add(1, {"loss": torch.tensor(1.0)}, 0, final=False)
+    log.add(2, {"loss": torch.tensor(3.0)}, 0, final=True)
+    assert json.loads((tmp_path / "log.jsonl").read_text())["loss"] == 4.0
 
 
 @pytest.mark.slow  # trains or starts torchrun
@@ -840,6 +1027,59 @@ def test_bad_train_arguments_give_one_line_errors(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     assert_one_line_error(run_cli("train", "--data", str(tmp_path / "empty"), "--vq", "tiny", "--vq-ckpt", "x"),
                           "no images")
+
+
+def test_resume_with_other_data_or_tokenizer_settings_is_one_line(tiny_ckpt):
+    for flag, value in (("--demo-size", "300"), ("--vq", "tiny"), ("--image-size", "64"), ("--data", "/in")):
+        with pytest.raises(SystemExit, match=f"trained with {flag} .*, not {value}: resume with the same"):
+            purr.main(["train", "--resume", tiny_ckpt, flag, value])
+
+
+def test_entropy_map_past_the_last_evaluated_time_is_one_line(tmp_path):
+    common = ["sample", "--ckpt", str(tmp_path / "none.pt"), "--num-steps", "4", "--entropy-map",
+              "--entropy-t"]
+    with pytest.raises(SystemExit, match=r"--entropy-t 0.8: .* from 0 to 0.75"):
+        purr.main([*common, "0.8"])
+    with pytest.raises(SystemExit, match="none.pt not found"):  # t = 3/4, the last evaluation, is fine
+        purr.main([*common, "0.75"])
+
+
+def test_16_bit_float_alpha_palette_and_cmyk_images_read_as_their_grey(tmp_path):
+    """A 0..1 grey ramp in every mode crops to the 8-bit ramp's crop (PIL's convert('RGB') clips I;16, I and F
+    to white); folders named like images are no images."""
+    ramp = np.tile(np.linspace(0, 1, 64), (64, 1))
+    grey = Image.fromarray((255 * ramp).round().astype(np.uint8))
+    palette = grey.convert("P", palette=Image.ADAPTIVE, colors=64)
+    palette.info["transparency"] = 0
+    modes = {"I;16": Image.fromarray((65535 * ramp).round().astype(np.uint16)),
+             "I": Image.fromarray((65535 * ramp).round().astype(np.int32)),
+             "F": Image.fromarray(ramp.astype(np.float32)),
+             "LA": Image.merge("LA", [grey, grey]), "P": palette, "CMYK": grey.convert("CMYK")}
+    want = appendix.center_crop(grey, 32)
+    for mode, im in modes.items():
+        assert im.mode == mode and np.abs(appendix.center_crop(im, 32).astype(int) - want).max() <= 1, mode
+    (tmp_path / "grey" / "folder.png").mkdir(parents=True)
+    modes["I;16"].save(tmp_path / "grey" / "ramp.png")  # PNG keeps the 16 bits
+    data = appendix.ImageFolder(str(tmp_path), 32)
+    assert len(data) == 1 and abs(data[(0, 0)][0].float().mean().item() - 127.5) < 1
+
+
+def test_an_unreadable_files_replacement_carries_its_own_label(tmp_path):
+    damaged_folder(tmp_path)
+    data = appendix.ImageFolder(str(tmp_path), 32)
+    i = next(i for i, (f, _) in enumerate(data.files) if f.endswith("truncated.JPEG"))  # circle's last file
+    x, y, bad = data[(i, 0)]
+    assert [j for j, _ in bad] == [i] and data.labels[i + 1] != data.labels[i]
+    assert y == data.labels[i + 1] and torch.equal(x, data[(i + 1, 0)][0])
+
+
+def test_unreadable_images_stop_the_run_past_a_thousandth_of_the_data():
+    files = [(f"{i}.png", 0) for i in range(20_000)]
+    folder = type("Folder", (), {"files": files, "__len__": lambda self: len(files)})()
+    unreadable = appendix.Unreadable(folder, 1)
+    unreadable.add([(i, "broken") for i in range(20)], 0)  # 0.1 %: the run goes on
+    with pytest.raises(appendix.PurrError, match=r"21 unreadable images in --data \(more than 20\)"):
+        unreadable.add([(20, "broken")], 0)
 
 
 # --- Properties the mutation script checks ---------------------------------------------------------------
@@ -1052,13 +1292,210 @@ def test_center_crop_equals_adms_center_crop_arr():
         assert np.array_equal(appendix.center_crop(im, size), adm(im, size))
 
 
-@pytest.mark.parametrize("module, never", [("vq", ("fid", "purr")), ("fid", ("vq", "purr")), ("appendix", ("vq", "fid", "purr"))])
+@pytest.mark.parametrize("module, never", [("vq", ("fid", "purr")), ("fid", ("vq", "purr", "appendix")), ("appendix", ("vq", "fid", "purr"))])
 def test_dependencies_run_one_way(module, never):
-    """The tokenizers, FID and the plumbing stand alone: the crop and image extensions they share live in
-    appendix.py, which knows nothing of the method."""
+    """The tokenizers, FID and the plumbing stand alone: vq.py takes its crop and image extensions from
+    appendix.py, which knows nothing of the method; fid.py has its own."""
     code = f"import sys, {module}; print(' '.join(m for m in {never!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True).stdout
     assert out.split() == []
+
+
+# --- The authors' code ------------------------------------------------------------------------------------
+# github razvanmatisan/purrception de66f96: fixtures/make_goldens.py ran their DiT, training loss and sampler
+# on seeded weights saved as their checkpointer.py saves them; tools/from_official.py converts that file and purr
+# reproduces what their code computed. CFG: purr's lerp rounds unlike their u + s (c - u) (~1e-6 relative).
+
+@pytest.fixture(scope="module")
+def authors(tmp_path_factory):
+    """(golden, their checkpoint, the tokenizer file, the converted purr checkpoint's path)."""
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    import from_official
+    root, g = tmp_path_factory.mktemp("authors"), torch.load(Path(HERE, "fixtures", "official_dit_golden.pt"),
+                                                               weights_only=True)
+    theirs = seeded.write(g["recipe"], root / "official.pth")
+    tok = seeded.write(g["vq_recipe"], root / "vq.pt")
+    (root / "hparams.json").write_text(json.dumps(g["hparams"]))
+    from_official.main([str(theirs), "--hparams", str(root / "hparams.json"), "--vq", "llamagen-vq-ds8",
+                        "--vq-ckpt", str(tok), "--out", str(root / "purr.pt")])
+    return g, theirs, tok, root / "purr.pt"
+
+
+def ch32_llamagen(monkeypatch, K=64):
+    """load_tokenizer builds the seeded file's tokenizer (width 32, K codes)."""
+    real = vqlib.load_tokenizer
+    monkeypatch.setattr(vqlib, "load_tokenizer", lambda name, path: real(name, path, ch=32, codebook_size=K))
+
+
+def test_official_checkpoint_converts_to_purr_layout(authors):
+    g, theirs, _, ours = authors
+    ckpt, official = appendix.load_checkpoint(str(ours)), torch.load(theirs, weights_only=True)
+    assert seeded.digest(official["backbone_state_dict"]) == g["recipe"]["sha256"]
+    renamed = {k.replace("x_embedder.proj.", "x_embedder.").replace("y_embedder.embedding_table.", "y_embedder.")
+               .replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.2."): v
+               for k, v in official["backbone_state_dict"].items()}
+    assert ckpt["model"].keys() == renamed.keys()
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in renamed.items())
+    shadow = official["ema_state_dict"]["shadow_params"]
+    assert len(shadow) == len(ckpt["ema"]) and all(torch.equal(e, s) for e, s in zip(ckpt["ema"].values(), shadow))
+    a = ckpt["args"]
+    assert (ckpt["step"], a["model"], a["objective"], a["time_scale"], a["codebook_size"]) == \
+        (1234, "N/2", "purr", 1.0, 64) and a["num_classes"] == 3
+    assert (a["adam_eps"], a["max_grad_norm"], a["ema_warmup"], a["t_min"], a["class_dropout"]) == \
+        (1e-8, 1.0, True, 1e-3, 0.0)
+    assert ckpt["opt"]["state"] == {} and ckpt["opt"]["param_groups"][0]["eps"] == 1e-8
+    assert set(a) >= set(purr.TRAIN_DEFAULTS)
+
+
+def test_official_dit_loss_and_sampler_goldens(authors):
+    """Their positional table, logits (cfg 1, 1.5 and the null class at three t), Purrception loss with the
+    z-loss, velocities (their eps = 0) and a 6-point Euler trajectory (Algorithm 2's T = 5), on the EMA."""
+    g, _, _, ours = authors
+    a = appendix.load_checkpoint(str(ours))
+    model = purr.build_model(a["args"])
+    model.load_state_dict(a["ema"])
+    model.eval()
+    assert torch.equal(purr.sincos_2d(128, 2)[None], g["pos_embed"])
+    z, y, codebook = g["z"], g["y"], g["codebook"]
+    with torch.no_grad():
+        for i, t in enumerate(g["t"].tolist()):
+            for j, s in enumerate(g["cfg"].tolist()):
+                labels, scale = (torch.full_like(y, 3), 1.0) if s == 0 else (y, s)  # their cfg 0: null class
+                out = purr.unpatchify(purr.network(model, z, t, labels, scale))
+                torch.testing.assert_close(out, g["logits"][i, j], atol=3e-5 if s == 1.5 else 1e-6, rtol=0)
+                if s:
+                    v = purr.purr_velocity(model, codebook, y, 0.8, s)(t, z)
+                    torch.testing.assert_close(v, g["velocity"][i, j], atol=3e-5 / (1 - t), rtol=0)
+        batch = purr.Batch(g["c"], y, g["z0"], g["t_train"], None)
+        torch.testing.assert_close(purr.purr_training_loss(model, batch, codebook, 1e-5)["loss"], g["loss"],
+                                   atol=1e-6, rtol=0)
+        z1 = purr.sample_latents(model, codebook, y, g["trajectory_z0"], 0.8, 1.5, g["ode_steps"] - 1)
+    torch.testing.assert_close(z1, g["trajectory"], atol=2e-5, rtol=0)  # their 1/(1 - t + 1e-6): ~4e-6
+
+
+def test_official_checkpoint_samples_through_the_cli(authors, tmp_path, monkeypatch, capsys):
+    ch32_llamagen(monkeypatch)
+    out = tmp_path / "grid.png"
+    purr.main(["sample", "--ckpt", str(authors[3]), "--num-steps", "5", "--class-labels", "0", "2",
+               "--num-samples", "2", "--cfg-scale", "1.5", "--out", str(out), "--precision", "fp32"])
+    assert "2 samples from" in capsys.readouterr().out and Image.open(out).size[0] >= 32
+
+
+def test_official_llamagen_mu_uses_the_normalised_rows(authors, monkeypatch):
+    """Their training targets are LlamaGen's quantizer outputs (unit rows); their sampler's mu reads the raw
+    rows. purr's sampler reads the unit rows, as its training does: its trajectory is theirs on unit rows and
+    far from theirs on the raw ones."""
+    g, _, _, ours = authors
+    ch32_llamagen(monkeypatch)
+    model, tok, _, _ = purr.load_sampler(str(ours))
+    assert torch.equal(tok.codebook, g["codebook"]) and torch.equal(tok.embed(g["c"]), g["codebook"][g["c"]]
+                                                                    .permute(0, 3, 1, 2))
+    seen = []
+    real = vqlib.Quantizer.forward
+    monkeypatch.setattr(vqlib.Quantizer, "forward", lambda self, z: seen.append(z) or real(self, z))  # z_1
+    purr.generate(model, tok, "purr", g["y"], g["trajectory_z0"], 0.8, 1.5, g["ode_steps"] - 1)
+    torch.testing.assert_close(seen[0], g["trajectory"], atol=2e-5, rtol=0)
+    assert (seen[0] - g["trajectory_raw_codebook"]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("edit, words", [({"model_type": "dfm"}, ["dfm", "DFM"]),
+                                         ({"backbone_hparams": {"depth": 5}}, ["depth 5", "sizes"]),
+                                         ({"autoencoder_type": "stablediffusion"}, ["--vq llamagen-vq-ds8"])])
+def test_official_conversion_refuses_in_one_line(authors, tmp_path, edit, words):
+    g, theirs, tok, _ = authors
+    hp = {**g["hparams"], **edit, "backbone_hparams": {**g["hparams"]["backbone_hparams"],
+                                                       **edit.get("backbone_hparams", {})}}
+    (tmp_path / "hparams.json").write_text(json.dumps(hp))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "tools", "from_official.py"), str(theirs),
+                           "--hparams", str(tmp_path / "hparams.json"), "--vq", "llamagen-vq-ds8", "--vq-ckpt",
+                           str(tok), "--out", str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, *words)
+    assert not (tmp_path / "x.pt").exists()
+
+
+# Their training choices as settings: clipping, EMA warm-up, t's lower end, AdamW's eps, the time input.
+
+def test_max_grad_norm_clips_the_global_norm_as_by_hand():
+    """SGD, so the update is the gradient itself (Adam's first step would hide its scale)."""
+    torch.manual_seed(0)
+    codebook = torch.randn(16, 4)
+    b = purr.Batch(torch.randint(0, 16, (2, 4, 4)), torch.tensor([0, 1]), torch.randn(2, 4, 4, 4), torch.rand(2),
+                   None)
+    models = [tiny_dit() for _ in range(3)]
+    norms = [purr.train_step(m, torch.optim.SGD(m.parameters(), lr=1.0), [b], "purr", codebook, 1e-5,
+                             contextlib.nullcontext(), clip)["grad_norm"] for m, clip in zip(models, (0.01, 0.0))]
+    ref = models[2]
+    purr.training_losses(ref, "purr", b, codebook, 1e-5)["loss"].backward()
+    grads = [p.grad for p in ref.parameters() if p.grad is not None]
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    assert norm > 0.1 and torch.allclose(norms[0], norm) and torch.allclose(norms[1], norm)
+    start = tiny_dit()
+    for clipped, unclipped, p, s in zip(models[0].parameters(), models[1].parameters(), ref.parameters(),
+                                        start.parameters()):
+        g = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(clipped, s - g * 0.01 / (norm + 1e-6), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(unclipped, s - g, atol=1e-6, rtol=1e-6)
+
+
+def test_ema_warmup_decays_as_torch_ema():
+    on, off = {"ema_decay": 0.9999, "ema_warmup": True}, {"ema_decay": 0.9999, "ema_warmup": False}
+    assert [purr.ema_decay(on, n) for n in (1, 2, 1000)] == [2 / 11, 3 / 12, 1001 / 1010]
+    assert purr.ema_decay(on, 10 ** 6) == purr.ema_decay(off, 1) == 0.9999
+
+
+def test_draw_noise_t_min():
+    t0 = purr.draw_noise(64, slice(0, 64), 3, 1, 2, 2, 0.0, "cpu")[1]
+    t = purr.draw_noise(64, slice(0, 64), 3, 1, 2, 2, 0.0, "cpu", t_min=0.25)[1]
+    assert t.min() >= 0.25 and torch.allclose(t, 0.25 + 0.75 * t0)
+
+
+@pytest.mark.slow  # trains
+def test_official_training_settings_train_log_and_resume(tmp_path, monkeypatch):
+    """One demo step with every setting of their code: the EMA's first update is torch_ema's (decay 2/11),
+    t >= t_min, AdamW's eps and the time input as given, grad_norm logged; a resumed run restores them all."""
+    seen, built, real_step, real_build = [], [], purr.train_step, purr.build_model
+
+    def build(a):
+        built.append((real_build(a),))
+        built[-1] += (copy.deepcopy(built[-1][0].state_dict()),)
+        return built[-1][0]
+    monkeypatch.setattr(purr, "train_step", lambda m, o, micro, *r: seen.append(micro) or real_step(m, o, micro, *r))
+    monkeypatch.setattr(purr, "build_model", build)
+    flags = ["--ema-warmup", "--ema-decay", "0.9", "--max-grad-norm", "0.05", "--t-min", "0.5", "--adam-eps",
+             "1e-7", "--time-scale", "1"]
+    run = fast_demo_train(tmp_path, "--steps", "1", "--log-every", "1", *flags)
+    ckpt = final_state(tmp_path)
+    model, init = built[0]  # the model trained and its weights before training (the EMA's start)
+    for k, v in ckpt["model"].items():
+        torch.testing.assert_close(ckpt["ema"][k], 2 / 11 * init[k] + 9 / 11 * v, atol=1e-6, rtol=0)
+    assert torch.cat([b.t for b in seen[0]]).min() >= 0.5 and ckpt["opt"]["param_groups"][0]["eps"] == 1e-7
+    assert model.t_embedder.time_scale == 1.0
+    line = json.loads(Path(run, "log.jsonl").read_text().splitlines()[-1])
+    assert line["grad_norm"] > 0.05
+    a = ckpt["args"]
+    assert [a[k] for k in LEGACY] == [1, 0.05, True, 0.5, 1e-7]
+    fast_demo_train(tmp_path, "--resume", "--steps", "2")
+    b = final_state(tmp_path)["args"]
+    assert {k: b[k] for k in LEGACY} == {k: a[k] for k in LEGACY}
+    with pytest.raises(appendix.PurrError, match="max-grad-norm"):
+        fast_demo_train(tmp_path, "--resume", "--steps", "3", "--max-grad-norm", "2")
+
+
+LEGACY = ("time_scale", "max_grad_norm", "ema_warmup", "t_min", "adam_eps")
+
+
+def test_settings_absent_from_an_old_checkpoint_keep_its_behaviour():
+    args = purr.parser().parse_args(["train", "--resume", "x.pt"])
+    old = {"args": {k: v[1] for k, v in purr.TRAIN_DEFAULTS.items() if k not in LEGACY} | {"data": "d"}}
+    cfg, _ = purr.resolve_config(args, old)
+    assert {k: cfg[k] for k in LEGACY} == {"time_scale": 1000.0, "max_grad_norm": 0.0, "ema_warmup": False,
+                                           "t_min": 0.0, "adam_eps": 1e-6}
+    a = {"model": "N/2", "latent_size": 4, "latent_channels": 4, "codebook_size": 8, "num_classes": 2,
+         "objective": "purr"}
+    assert purr.build_model(a).t_embedder.time_scale == 1000.0  # a checkpoint saved before time_scale
+    new = {k: [purr.resolve_config(purr.parser().parse_args(["train", *f]), None)[0][s] for s in LEGACY]
+           for k, f in (("demo", []), ("data", ["--data", "d"]))}
+    assert new == {"demo": [1000.0, 0.0, False, 0.0, 1e-6], "data": [1.0, 1.0, True, 1e-3, 1e-6]}  # README
 
 
 # --- vq.py: the official tokenizers against the original code's outputs (random weights, ch = 32) ----------
@@ -1261,6 +1698,19 @@ def smooth_images(n, size, seed=0):
     return torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
 
 
+def test_nearest_codes_are_found_in_full_fp32_whatever_tf32(monkeypatch):
+    """Every quantizer path (encode and quantize of the tiny and the official tokenizers: training's encode
+    and sampling's last quantize) finds its nearest code with TF32 off, even with TF32 on globally (purr's GPU
+    setting), and the global setting comes back after."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    x = smooth_images(2, 16)
+    for tok in (vqlib.fit_tiny(x, codebook_size=16, iters=2), vqlib.build_tokenizer("sd-vq-f8", ch=32)):
+        with TF32Seen() as seen:
+            tok.quantize(tok.embed(tok.encode(x)))
+        assert len(seen.products) >= 2 and not any(seen.products), tok.name
+        assert torch.backends.cuda.matmul.allow_tf32
+
+
 def test_tiny_round_trip_and_reload(tmp_path):
     tok = vqlib.fit_tiny(smooth_images(8, 32), codebook_size=64, dim=8, patch=4, iters=5)
     c = torch.arange(64).view(1, 8, 8)
@@ -1315,18 +1765,111 @@ def fid_cli(capsys, *args):
     return capsys.readouterr().out.strip()
 
 
+def fid_metrics(out):
+    """{metric: its value (a mean ± std: the mean)} of fid.py's report."""
+    return {l.split()[0]: float(l.split()[1]) for l in out.splitlines() if "not computed" not in l}
+
+
+METRICS_GOLDEN = torch.load(Path(HERE, "fixtures", "metrics_golden.pt"), weights_only=True)
+
+
+def test_fid_one_pass_gives_torch_fidelitys_logits_and_adms_spatial_features(official):
+    weights, g = official("seeded", "inception")
+    for size in (256, 64):
+        out = fid_model(weights, "fidelity")(g[f"images_uint8_{size}"])
+        assert out["logits"].shape == (2, 1008) and out["spatial"].shape == (2, 17 * 17 * 7)
+        for ours, ref in ((out["logits"], METRICS_GOLDEN[f"logits_unbiased_{size}"]),
+                          (out["spatial"], METRICS_GOLDEN[f"spatial_{size}"])):
+            assert (ours - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_fid_inception_score_is_torch_fidelitys_and_one_image_repeated_scores_1():
+    logits = METRICS_GOLDEN["is_logits"].numpy()
+    ref = METRICS_GOLDEN["is_torch_fidelity"].tolist()
+    assert fid.inception_score(logits) == pytest.approx(ref, rel=1e-9)
+    assert fid.inception_score(np.repeat(logits[:1], 50, 0)) == pytest.approx((1.0, 0.0), abs=1e-9)
+
+
+def test_fid_kid_is_torch_fidelitys_near_0_for_one_distribution():
+    a, b = METRICS_GOLDEN["kid_a"].numpy(), METRICS_GOLDEN["kid_b"].numpy()
+    ours, ref = fid.kid(a, b), METRICS_GOLDEN["kid_torch_fidelity"].tolist()  # 100 subsets of 1000 by default
+    assert ours == pytest.approx(ref, abs=1e-7)  # torch-fidelity sums in float32: 3e-8 off float64's here
+    assert abs(fid.kid(a[:550], a[550:], subsets=20, subset_size=500)[0]) < 1e-3  # two halves of one set
+    assert fid.kid(a, b + 0.2, subsets=20, subset_size=500)[0] > 0.1
+
+
+def test_fid_sfid_is_adms_frechet_distance():
+    a, b = (METRICS_GOLDEN[k].double().numpy() for k in ("sfid_a", "sfid_b"))
+    ours = fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert ours == pytest.approx(METRICS_GOLDEN["sfid_adm"].item(), rel=1e-9)
+
+
+def test_fid_precision_recall_is_adms_in_blocks_self_is_1_disjoint_is_0():
+    ref, samples = METRICS_GOLDEN["pr_ref"].numpy(), METRICS_GOLDEN["pr_samples"].numpy()
+    adm = METRICS_GOLDEN["pr_adm_fp32"].tolist()  # ADM's ManifoldEstimator, fp32 distances
+    assert 0.2 < adm[0] < adm[1] < 0.95
+    for batch in (64, 5000):  # blocks of distances, or all at once
+        assert fid.precision_recall(ref, samples, batch=batch) == pytest.approx(adm, abs=1e-7)
+    assert fid.precision_recall(ref, ref, batch=64) == (1.0, 1.0)
+    copies = np.repeat(np.random.RandomState(0).randint(0, 8, (20, 16)).astype(np.float32), 4, 0)  # exact sums
+    assert fid.precision_recall(copies, copies, batch=64) == (1.0, 1.0)  # k=3 copies: radius 0, and d <= 0
+    assert fid.precision_recall(ref, samples + 1e5, batch=64) == (0.0, 0.0)
+
+
+def test_fid_metrics_a_reference_without_a_field_names_what_it_cannot_compute():
+    x = np.random.RandomState(0).rand(8, 4).astype(np.float32)
+    samples = {**fid.summarize({"pool": x, "spatial": x[:, :3], "logits": x}, "samples"), "name": "samples"}
+    ref = {**fid.moments(x + 0.1), "name": "ref.npz"}  # pytorch-fid's statistics: mu and sigma only
+    lines = fid.report(fid.metrics(samples, ref))
+    assert [l.split()[0] for l in lines] == ["FID", "sFID", "IS", "precision", "recall", "KID"]
+    assert "not computed" not in lines[0] + lines[2] and float(lines[0].split()[1]) > 0
+    assert "ref.npz has no mu_s" in lines[1] and all("ref.npz has no images (arr_0)" in l for l in lines[3:])
+    stats_only = fid.report(fid.metrics({**fid.moments(x), "name": "s.npz"}, ref))[2]
+    assert "IS" in stats_only and "s.npz has no images" in stats_only
+
+
+def test_train_sample_every_writes_ema_grids_of_the_same_noise_and_labels(tmp_path, monkeypatch):
+    """The grids of steps 2 and 4 (ema = model: --ema-decay 0) come from one z_0 and labels, and differ."""
+    drawn, generate = [], purr.generate
+
+    def recording(model, tok, objective, y, z0, *args, **kw):
+        drawn.append((y.clone(), z0.clone()))
+        return generate(model, tok, objective, y, z0, *args, **kw)
+    monkeypatch.setattr(purr, "generate", recording)
+    run = fast_demo_train(tmp_path, "--steps", "4", "--sample-every", "2", "--ema-decay", "0", "--lr", "1e-2")
+    grids = sorted(Path(run, "samples").iterdir())
+    assert [g.name for g in grids] == ["0000002.png", "0000004.png"] and len(drawn) == 2
+    assert torch.equal(drawn[0][0], drawn[1][0]) and torch.equal(drawn[0][1], drawn[1][1])
+    first, second = (np.asarray(Image.open(g)) for g in grids)
+    assert first.shape == second.shape and not np.array_equal(first, second)
+
+
+def test_fid_center_crop_is_appendixs_without_importing_it():
+    x = (smooth_images(1, 64)[0].permute(1, 2, 0) + 1) * 127.5
+    im = Image.fromarray(x.round().byte().numpy()).resize((150, 97))
+    for img in (im, im.quantize(64)):
+        for size in (40, 64):
+            assert np.array_equal(fid.center_crop(img, size), appendix.center_crop(img, size))
+
+
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("size", [256, 64])
 def test_fid_features_match_torch_fidelity_and_pytorch_fid(official, size, source):
     weights, g = official(source, "inception")
     images = g[f"images_uint8_{size}"]
-    ours = {p: fid_model(weights, p)(images) for p in fid.PREPROCESS}
+    ours = {p: fid_model(weights, p)(images)["pool"] for p in fid.PREPROCESS}
     ref = {"fidelity": g[f"features_torch_fidelity_{size}"], "pytorch-fid": g[f"features_pytorch_fid_{size}"]}
     for p in fid.PREPROCESS:
         assert ours[p].shape == (len(images), 2048) and ours[p].dtype == torch.float32
         assert (ours[p] - ref[p]).abs().max() < 1e-4, p
     # the two preprocessings differ by far more than the tolerance: the check above tells them apart
     assert (ours["fidelity"] - ref["pytorch-fid"]).abs().max() > 1e-3
+
+
+def test_fid_covariance_is_the_unbiased_estimator():
+    feats = np.random.default_rng(0).normal(size=(5, 3))
+    centred = feats - feats.mean(0)
+    assert np.allclose(fid.moments(feats)["sigma"], centred.T @ centred / 4)  # torch-fidelity's: 1 / (N - 1)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -1347,20 +1890,25 @@ def test_fid_frechet_distance_golden_and_self(official, capsys, source):
         fid.frechet_distance(zero, np.eye(2), zero, np.diag([-1.0, 1.0]))
 
 
-def test_fid_statistics_files_ours_pytorch_fid_and_adm(tmp_path):
+def test_fid_statistics_files_ours_pytorch_fid_and_adm(official, tmp_path):
     mu, sigma = np.arange(4.0), np.eye(4) * 2
+    model = fid_model(official("seeded", "inception")[0], "fidelity")
     np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)
-    # ADM reference batch: images too (here in a layout fid.py would reject), but mu/sigma win
-    np.savez(tmp_path / "adm_ref.npz", arr_0=np.zeros((2, 3, 8, 8), np.float32), mu=mu, sigma=sigma, mu_s=mu[:2])
-    for name in ("pytorch_fid.npz", "adm_ref.npz"):
-        s = fid.statistics(tmp_path / name)  # no weights needed: the default model is never loaded
-        assert np.array_equal(s["mu"], mu) and np.array_equal(s["sigma"], sigma) and s["num_images"] is None
+    s = fid.statistics(tmp_path / "pytorch_fid.npz")  # no weights needed: the default model is never loaded
+    assert np.array_equal(s["mu"], mu) and np.array_equal(s["sigma"], sigma) and s["num_images"] is None
+    assert "mu_s" not in s and "pool" not in s
+    # ADM's reference batch: its mu, sigma, mu_s, sigma_s win; its arr_0 images give the pool features
+    images = np.random.RandomState(0).randint(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    np.savez(tmp_path / "adm_ref.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:2], sigma_s=sigma[:2, :2])
+    s = fid.statistics(tmp_path / "adm_ref.npz", model)
+    assert np.array_equal(s["mu_s"], mu[:2]) and np.array_equal(s["sigma_s"], sigma[:2, :2])
+    assert np.array_equal(s["pool"], model(torch.from_numpy(images).permute(0, 3, 1, 2))["pool"].numpy())
 
 
 def test_fid_features_of_a_tensor_in_batches_with_progress(official, capsys):
     weights, g = official("seeded", "inception")
     model = fid_model(weights, "fidelity")
-    feats = fid.features(g["images_uint8_64"], model, batch_size=1, progress_s=0)
+    feats = fid.features(g["images_uint8_64"], model, batch_size=1, progress_s=0)["pool"]
     assert feats.shape == (2, 2048) and np.abs(feats - g["features_torch_fidelity_64"].numpy()).max() < 1e-4
     assert "fid: tensor: 1/2 images" in capsys.readouterr().err
     with pytest.raises(fid.FIDError, match="3 images asked for, 2 found"):
@@ -1451,16 +1999,20 @@ def test_fid_cli_folders_npz_and_saved_stats_agree(official, tmp_path, capsys, m
             memo[k] = real(*xs)
         return memo[k]
     monkeypatch.setattr(fid, "frechet_distance", memo_frechet)
-    a = fid_image_folder(tmp_path / "a", 3, (48, 48), 1)
-    b = fid_image_folder(tmp_path / "b", 3, (48, 48), 2)
+    a = fid_image_folder(tmp_path / "a", 5, (48, 48), 1)
+    b = fid_image_folder(tmp_path / "b", 5, (48, 48), 2)
     batch = np.stack([np.asarray(Image.open(f)) for f in sorted(b.glob("*.png"))])
-    np.savez(tmp_path / "b_batch.npz", arr_0=batch, arr_1=np.arange(3))  # ADM sample batch
-    direct = float(fid_cli(capsys, a, b, "--inception", weights, "--batch-size", 2))
+    np.savez(tmp_path / "b_batch.npz", arr_0=batch, arr_1=np.arange(5))  # ADM sample batch
+    direct = fid_metrics(fid_cli(capsys, a, b, "--inception", weights, "--batch-size", 2))
     fid_cli(capsys, "--save-stats", tmp_path / "b_batch.npz", tmp_path / "b_stats.npz", "--inception", weights)
-    with np.load(tmp_path / "b_stats.npz") as s:
-        assert s["mu"].shape == (2048,) and s["sigma"].shape == (2048, 2048) and int(s["num_images"]) == 3
-    via_stats = float(fid_cli(capsys, a, tmp_path / "b_stats.npz", "--inception", weights))
-    assert direct > 1 and direct == pytest.approx(via_stats, rel=1e-6)
+    with np.load(tmp_path / "b_stats.npz") as s:  # ADM's reference-batch fields
+        assert s["mu"].shape == (2048,) and s["sigma"].shape == (2048, 2048) and int(s["num_images"]) == 5
+        assert s["mu_s"].shape == (2023,) and s["sigma_s"].shape == (2023, 2023)
+        assert np.array_equal(s["arr_0"], batch)
+    via_stats = fid_metrics(fid_cli(capsys, a, tmp_path / "b_stats.npz", "--inception", weights))
+    assert list(direct) == ["FID", "sFID", "IS", "precision", "recall", "KID"]
+    assert direct["FID"] > 1 and direct["sFID"] > 1 and direct["IS"] >= 1
+    assert direct == pytest.approx(via_stats, rel=1e-6)
 
 
 # --- benchmarks/miniature.py ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ demo tokenizer from a purr checkpoint. Check a download with
 """
 import argparse
 import ast
+import contextlib
 import functools
 import os
 import pickle
@@ -33,10 +34,24 @@ class TokenizerError(ValueError):
     """A tokenizer file that is missing or is not the one asked for; the message is one line."""
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """fp32 matrix products in full fp32 inside, whatever torch.backends.cuda.matmul.allow_tf32 says outside
+    (purr turns TF32 on for the DiT): TF32's 10-bit mantissa would break near-ties unlike the originals."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@full_fp32()
 def nearest_code(z, codebook, normalize=False, chunk=16384):
     """Index of the nearest codebook entry for every position of z [B,d,h,w] (l2-normalised first if
     `normalize`). The distance is written as the originals write it, ||z||^2 + ||e_k||^2 - 2 z.e_k, on
-    [N,d] rows, so float near-ties break as theirs do; rows go in chunks to keep the [N,K] matrix small."""
+    [N,d] rows in full fp32, so float near-ties break as theirs do; rows go in chunks to keep the [N,K] matrix
+    small."""
     B, d, h, w = z.shape
     flat = z.permute(0, 2, 3, 1).reshape(-1, d).to(codebook.dtype)
     flat = F.normalize(flat, dim=1) if normalize else flat
@@ -180,6 +195,29 @@ def _frozen(fn):
     return run
 
 
+class Quantizer(nn.Module):
+    """The codebook, `embedding.weight` as the files name it, and the codes in latent space derived from it
+    whenever weights are loaded (`codebook`, not saved). l2_norm (LlamaGen): the codes are the l2-normalised
+    rows and latents are normalised before the comparison. Calling it is the tokenizer's quantize(z)."""
+    def __init__(self, codebook_size, embed_dim, l2_norm):
+        super().__init__()
+        self.embedding, self.l2_norm = nn.Embedding(codebook_size, embed_dim), l2_norm
+        self.register_buffer("codebook", self._codes(), persistent=False)
+        self.register_load_state_dict_post_hook(Quantizer._refresh)  # called as (module, keys)
+
+    def _codes(self):
+        e = self.embedding.weight.detach()
+        return F.normalize(e, dim=1) if self.l2_norm else e.clone()
+
+    def _refresh(self, _incompatible_keys=None):
+        with torch.no_grad():
+            self.codebook.copy_(self._codes())
+
+    def forward(self, z):
+        """The index of the nearest code at every position: latents [B,d,h,w] -> [B,h,w]."""
+        return nearest_code(z, self.codebook, normalize=self.l2_norm)
+
+
 class VQModel(nn.Module):
     """encoder -> quant_conv -> nearest codebook entry; codebook entry -> post_quant_conv -> decoder.
     Parameters carry the official checkpoint names (`encoder.*`, `decoder.*`, `quant_conv.*`,
@@ -193,23 +231,12 @@ class VQModel(nn.Module):
         self.decoder = Decoder(layout, ch, ch_mult, num_res_blocks, attn_levels, z_channels)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        # The files name the codebook `quantize.embedding.weight`, but `quantize` is also the
-        # interface's method, which shadows attribute access: register the holder by hand.
-        holder = nn.Module()
-        holder.embedding = nn.Embedding(codebook_size, embed_dim)
-        self._modules["quantize"] = holder
-        # The codes in latent space, derived from the weights whenever they are loaded; not saved.
-        self.register_buffer("codebook", self._latent_codes(), persistent=False)
-        self.register_load_state_dict_post_hook(VQModel._refresh_codebook)  # called as (module, keys)
+        self.quantize = Quantizer(codebook_size, embed_dim, l2_norm)  # quantize.embedding.weight, as in the files
         self.eval().requires_grad_(False)
 
-    def _latent_codes(self):
-        e = self._modules["quantize"].embedding.weight.detach()
-        return F.normalize(e, dim=1) if self.l2_norm else e.clone()
-
-    def _refresh_codebook(self, _incompatible_keys=None):
-        with torch.no_grad():
-            self.codebook.copy_(self._latent_codes())
+    @property
+    def codebook(self):
+        return self.quantize.codebook
 
     def _in(self, x):
         """x in the weights' dtype, contiguous. Channels-last tensors (embed's output among them) would
@@ -217,9 +244,6 @@ class VQModel(nn.Module):
         accuracy when activations have a large mean (E[x^2] - E[x]^2 cancels: 5e-2 at mean 100 against
         1e-5). Channels-last also bought no speed here (benchmarks/bench_vq.py)."""
         return x.to(self.codebook.dtype, memory_format=torch.contiguous_format)
-
-    def quantize(self, z):
-        return nearest_code(z, self.codebook, normalize=self.l2_norm)
 
     def embed(self, c):
         return self.codebook[c].permute(0, 3, 1, 2)

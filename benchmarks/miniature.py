@@ -13,12 +13,15 @@
     pip install -r benchmarks/requirements.txt
     python benchmarks/miniature.py --seeds 0 1 2   # -> benchmarks/results/miniature_*.{csv,png}
     python benchmarks/miniature.py --quick         # every part, 2 seeds, 1/4 of the steps: < 10 min -> results/miniature-quick
+    python benchmarks/miniature.py --objectives dfm --seeds 0 --steps 1800   # re-run some rows into the tables
 
 Samples: Euler, 32 steps (the steps sweep aside), 500 per point, tau 0.9 for purr's convergence (the paper's
 Fig. 3 setting) and 1.0 for DFM, whose x_1 draws are the model's own distribution.
 """
 import argparse
+import contextlib
 import csv
+import fcntl
 import glob
 import math
 import os
@@ -59,10 +62,9 @@ def evaluate(sampler, clf, tau, n, num_steps, method="euler", cfg_scale=1.0, z0=
     y = torch.arange(n) % a["num_classes"]
     z0 = torch.randn(n, a["latent_channels"], a["latent_size"], a["latent_size"],
                      generator=torch.Generator().manual_seed(0)) if z0 is None else z0
-    torch.manual_seed(0)
     t0 = time.perf_counter()
     c = torch.cat([purr.generate(model, tok, a["objective"], y[i:i + 100], z0[i:i + 100], tau, cfg_scale, num_steps,
-                                 method) for i in range(0, n, 100)])
+                                 method, seeds=range(n)[i:i + 100]) for i in range(0, n, 100)])
     images = vqlib.to_uint8(tok.decode(c))
     seconds = (time.perf_counter() - t0) * 100 / n
     fd, acc = demo_fd_and_accuracy(clf, images, y)
@@ -102,6 +104,29 @@ def first_reach(steps, fds, target):
         if f1 <= target < f0:
             return s0 + (s1 - s0) * (math.log(f0) - math.log(target)) / (math.log(f0) - math.log(f1))
     return steps[0] if fds[0] <= target else None
+
+
+def merged(path, rows, a):
+    """rows and the rows of the table at path that they do not replace (--objectives: other objectives or
+    seeds, and floors), numbers parsed; the whole table is replaced when every objective ran."""
+    if set(a.objectives) == set(purr.OBJECTIVES) or not os.path.exists(path):
+        return rows
+    number = lambda v: v if v in ("", "nan") or not v.lstrip("-").replace(".", "", 1).isdigit() else (  # noqa: E731
+        float(v) if "." in v else int(v))
+    old = [{k: number(v) for k, v in r.items()} for r in csv.DictReader(open(path))]
+    new = {(r["seed"], r["objective"]) for r in rows}
+    return [r for r in old if (r["seed"], r["objective"]) not in new and r["seed"] != ""] + rows
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """--objectives runs of different seeds at once merge into the same tables one at a time."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_csv(path, rows):
@@ -155,7 +180,7 @@ def convergence(a, clf, work):
     """Every objective from every seed; each checkpoint's FD and accuracy -> rows, the runs."""
     rows, runs = [], {}
     for seed in a.seeds:
-        for obj in purr.OBJECTIVES:
+        for obj in a.objectives:
             t0 = time.time()
             runs[seed, obj] = train_run(work, obj, seed, a.steps, a.eval_every, a.demo_size)
             train_s = time.time() - t0
@@ -193,6 +218,9 @@ def main(argv=None):
     p.add_argument("--work", default="results/miniature", help="run folders (checkpoints)")
     p.add_argument("--out", help="tables and plots (default: benchmarks/results; --quick: results/miniature-quick)")
     p.add_argument("--classifier", help="the metric's classifier (default: benchmarks/results/demo_classifier.pt)")
+    p.add_argument("--objectives", nargs="+", choices=purr.OBJECTIVES, default=list(purr.OBJECTIVES),
+                   help="a subset runs only the convergence and steps parts for these: their rows replace "
+                        "theirs in the tables under --out, and the figures are redrawn from the merged tables")
     a = p.parse_args(argv)
     preset = PRESETS["smoke" if a.smoke else "quick" if a.quick else "full"]
     for k in ("num_samples", "demo_size", "longer", "eval_steps", "taus"):
@@ -208,19 +236,26 @@ def main(argv=None):
 
     rows, runs = convergence(a, clf, a.work)
     finals = {(seed, obj): purr.load_sampler(checkpoints(runs[seed, obj])[-1]) for seed in a.seeds
-              for obj in ("purr", "cfm", "dfm")}
-    ref = floors(finals[a.seeds[0], "purr"][1], clf, a.num_samples)
-    write_csv(out("convergence.csv"), rows + [{"seed": "", "objective": k, "step": "", "fd": round(fd, 3),
-                                                "accuracy": round(acc, 4), "train_s": ""} for k, (fd, acc) in ref.items()])
-    plot(out("convergence.png"), [
-        ("demo FD (lower is better)", "training step", "demo FD", grouped(rows, "step", "fd"),
-         {k: v[0] for k, v in ref.items()}, False, True),
-        ("class accuracy of samples", "training step", "accuracy", grouped(rows, "step", "accuracy"),
-         {k: v[1] for k, v in ref.items()}, False, False)])
+              for obj in ("purr", "cfm", "dfm") if obj in a.objectives}
+    ref = floors(purr.load_sampler(checkpoints(runs[a.seeds[0], a.objectives[0]])[-1])[1], clf, a.num_samples)
+    with locked(a.out):
+        rows = merged(out("convergence.csv"), rows, a)
+        write_csv(out("convergence.csv"), rows + [{"seed": "", "objective": k, "step": "", "fd": round(fd, 3),
+                                                    "accuracy": round(acc, 4), "train_s": ""}
+                                                   for k, (fd, acc) in ref.items()])
+        plot(out("convergence.png"), [
+            ("demo FD (lower is better)", "training step", "demo FD", grouped(rows, "step", "fd"),
+             {k: v[0] for k, v in ref.items()}, False, True),
+            ("class accuracy of samples", "training step", "accuracy", grouped(rows, "step", "accuracy"),
+             {k: v[1] for k, v in ref.items()}, False, False)])
+    a.seeds = sorted({r["seed"] for r in rows})  # the speed-ups over every seed of the merged table
     for obj, ratios in speedups(rows, a.seeds).items():
         m, s = mean_sd(ratios)
         print(f"purr reaches {obj}'s final FD in {m:.2f}x fewer steps (sd {s:.2f} over seeds {a.seeds}; per seed "
               f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    if set(a.objectives) != set(purr.OBJECTIVES):
+        steps_sweep(a, clf, finals, preset["sweep"], out)
+        return
 
     temp = temperature(a, clf, runs, finals)
     tau_fd = grouped(temp, "tau", "fd", by="train_steps", train_steps=a.steps)[a.steps]
@@ -267,14 +302,16 @@ def steps_sweep(a, clf, finals, sweep, out):
                 print(rows[-1], flush=True)
     for r in rows:
         r["curve"] = r["objective"] + (" (midpoint)" if r["method"] == "midpoint" else "")
-    write_csv(out("steps.csv"), rows)
-    plot(out("steps.png"), [
-        ("demo FD against network evaluations", "network evaluations per sample", "demo FD",
-         grouped(rows, "nfe", "fd", by="curve"), {}, True, True),
-        ("class accuracy", "network evaluations per sample", "accuracy", grouped(rows, "nfe", "accuracy", by="curve"), {},
-         True, False),
-        ("sampling time", "network evaluations per sample", "seconds per 100 samples",
-         grouped(rows, "nfe", "s_per_100", by="curve"), {}, True, True)])
+    with locked(a.out):
+        rows = merged(out("steps.csv"), rows, a)
+        write_csv(out("steps.csv"), rows)
+        plot(out("steps.png"), [
+            ("demo FD against network evaluations", "network evaluations per sample", "demo FD",
+             grouped(rows, "nfe", "fd", by="curve"), {}, True, True),
+            ("class accuracy", "network evaluations per sample", "accuracy",
+             grouped(rows, "nfe", "accuracy", by="curve"), {}, True, False),
+            ("sampling time", "network evaluations per sample", "seconds per 100 samples",
+             grouped(rows, "nfe", "s_per_100", by="curve"), {}, True, True)])
 
 
 def guidance_and_schedules(a, clf, finals, best_tau, out):
