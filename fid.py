@@ -262,7 +262,7 @@ def _read_image(f, crop=None):
 
 
 def _folder(root, batch_size, limit, crop):
-    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTS)[:limit]
+    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())[:limit]
     if not files:
         raise FIDError(f"{root}: no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}) in this folder")
 

@@ -63,7 +63,7 @@ def convert(official_path, hparams_path, vq, vq_ckpt):
             from None
     if model_type not in OBJECTIVES:
         raise PurrError(f"model_type {model_type!r}: purr converts {', '.join(OBJECTIVES)}; their DFM "
-                        "(a mask token and a learned embedding of K + 1 tokens) is not purr's DFM baseline")
+                        "checkpoints are not converted")
     if TOKENIZERS.get(autoencoder) != vq:
         raise PurrError(f"--vq {vq}, but their run used autoencoder_type {autoencoder!r} "
                         f"({TOKENIZERS.get(autoencoder, 'which purr does not have')})")
