@@ -290,7 +290,7 @@ def setup_distributed():
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def agree(world, device, *flags):
+def sum_over_ranks(world, device, *flags):
     """All ranks see the sum of each flag over ranks (one small all-reduce per step)."""
     t = torch.tensor([float(f) for f in flags], device=device)
     if world > 1:
@@ -375,7 +375,7 @@ def save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_sav
             print(f"saved {path}", flush=True)
         except PurrError as e:
             error = str(e)
-    if agree(world, device, bool(error))[0]:
+    if sum_over_ranks(world, device, bool(error))[0]:
         raise PurrError(error or "rank 0 could not save a checkpoint (see its message)")
     return path
 
@@ -442,7 +442,7 @@ def save_grid(images, rows, path):
     Image.fromarray(grid).save(path)
 
 
-def heat(x, size):
+def heat_map(x, size):
     """Values in [0, 1], [N,h,w] -> uint8 'hot' colour map [N,3,size,size] (black, red, yellow, white)."""
     x = F.interpolate(x[:, None].float(), size=(size, size), mode="nearest")[:, 0]
     return (255 * torch.stack([3 * x, 3 * x - 1, 3 * x - 2], 1).clamp(0, 1)).to(torch.uint8)

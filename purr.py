@@ -6,8 +6,8 @@ categorical posterior pi over the K codebook vectors at every position (Eq. 12),
 cross-entropy against c (Eq. 14). Sampling integrates the velocity (mu - z_t)/(1 - t) with
 mu = sum_k pi_k e_k (Eq. 13), pi = softmax(logits / tau) (Eq. 15), then decodes the nearest codes.
 
-Reading order: the DiT; Purrception (embed, interpolant, Eq. 14 in purr_loss_formula, Algorithm 1's loss in
-purr_training_loss, Eq. 12 and 15 in posterior, Eq. 13 in posterior_mean and purr_velocity, Algorithm 2 in
+Reading order: the DiT; Purrception (embed, interpolant, Eq. 14 in cross_entropy_z, Algorithm 1's loss in
+purr_loss, Eq. 12 and 15 in posterior, Eq. 13 in posterior_mean and purr_velocity, Algorithm 2 in
 algorithm2); the baselines; training (TRAIN_DEFAULTS, train); sampling (sample); then extract, bench and the
 command line. The plumbing around them (data and the batch plan, processes and signals, checkpoints, logs,
 image outputs) is in appendix.py.
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 import fid
 import vq as vqlib
-from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder, Unreadable, agree,
-                      checkpoint_paths, collate, default_precision, demo_dataset, heat, keep_freed_memory,
+from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder, Unreadable, sum_over_ranks,
+                      checkpoint_paths, collate, default_precision, demo_dataset, heat_map, keep_freed_memory,
                       load_checkpoint, new_run_dir, peak_memory, save_grid, save_run, setup_distributed, split_batch,
                       stop_requests, timed, to_unit, write_adm_npz)
 
@@ -227,17 +227,9 @@ def interpolant(z0, z1, t):
     return t * z1 + (1 - t) * z0
 
 
-def purr_loss_formula(logits, c, z_weight):
-    """Eq. 14 as written: -log q(c | z_t) = -log pi_c, averaged over positions, and the z-loss of
-    App. D, z_weight (log Z)^2 with Z = sum_k exp(logit_k). logits [..., K], codes c [...]."""
-    logits = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(logits, c.reshape(-1)), z_weight * torch.logsumexp(logits, -1).pow(2).mean()
-
-
 class CrossEntropyZ(torch.autograd.Function):
-    """purr_loss_formula's two terms per position, with the same values and gradients (tested), for
-    logits [N,K] in row chunks: it keeps only the logits (bf16 under autocast) and log Z, never a
-    full fp32 copy of pi."""
+    """cross_entropy_z's two terms per position, -log pi_c and log Z, for logits [N,K] in row chunks: it keeps
+    only the logits (bf16 under autocast) and log Z, never a full fp32 copy of pi."""
 
     @staticmethod
     def forward(ctx, logits, c, chunk):
@@ -267,17 +259,19 @@ class CrossEntropyZ(torch.autograd.Function):
         return grad, None, None
 
 
-def purr_loss(logits, c, z_weight=1e-5, chunk=8192):
-    """Eq. 14 and the z-loss as training computes them (CrossEntropyZ): (mean -log pi_c, z-loss)."""
+def cross_entropy_z(logits, c, z_weight=1e-5, chunk=8192):
+    """Eq. 14, -log q(c | z_t) = -log pi_c averaged over positions, and App. D's z-loss z_weight (log Z)^2,
+    Z = sum_k exp(logit_k): (cross-entropy, z-loss). logits [..., K], codes c [...]. Equal in value and
+    gradient to F.cross_entropy and logsumexp (tested)."""
     ce, log_z = CrossEntropyZ.apply(logits.reshape(-1, logits.shape[-1]), c.reshape(-1), chunk)
     return ce.mean(), z_weight * log_z.pow(2).mean()
 
 
-def purr_training_loss(model, b, codebook, z_weight):
+def purr_loss(model, b, codebook, z_weight):
     """Algorithm 1 on a batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14).
     The logits stay in token order; the codes are put in the same order."""
     logits = model(interpolant(b.z0, embed(codebook, b.c), b.t), b.t, b.y)
-    ce, zloss = purr_loss(logits, patchify(b.c, math.isqrt(logits.shape[2])), z_weight)
+    ce, zloss = cross_entropy_z(logits, patchify(b.c, math.isqrt(logits.shape[2])), z_weight)
     return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
 
 
@@ -367,7 +361,7 @@ def entropy(logits, tau):
 # z_1 - z_0; CFM-endpoint regresses z_1 and moves like Eq. 13 with its prediction in mu's place;
 # DFM (Gat et al. 2024) predicts codes from masked codes and samples by discrete jumps.
 
-def cfm_training_loss(model, b, codebook, z_weight, endpoint=False):
+def cfm_loss(model, b, codebook, z_weight, endpoint=False):
     """MSE of the network's output against the velocity z_1 - z_0 (CFM), or against z_1 (CFM-endpoint)."""
     z1 = embed(codebook, b.c)
     out = unpatchify(model(interpolant(b.z0, z1, b.t), b.t, b.y)).float()
@@ -393,10 +387,10 @@ def dfm_rate(t):
     return 1 / (1 - t)
 
 
-def dfm_training_loss(model, b, codebook, z_weight):
+def dfm_loss(model, b, codebook, z_weight):
     """Cross-entropy of the K + 1 logits (MASK's too, as in the authors' code) against c, and the z-loss."""
     logits = model(dfm_path(b.c, b.t, b.u, len(codebook)), b.t, b.y)
-    ce, zloss = purr_loss(logits, patchify(b.c, math.isqrt(logits.shape[2])), z_weight)
+    ce, zloss = cross_entropy_z(logits, patchify(b.c, math.isqrt(logits.shape[2])), z_weight)
     return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
 
 
@@ -410,7 +404,7 @@ def draw_codes(logits, tau, u):
 
 
 @torch.no_grad()
-def sample_dfm(model, K, y, shape, seeds, tau=1.0, cfg_scale=1.0, num_steps=100):
+def dfm_sample(model, K, y, shape, seeds, tau=1.0, cfg_scale=1.0, num_steps=100):
     """Discrete Euler on the path from all-MASK (Gat et al. 2024; flow_matching's MixtureDiscreteEulerSolver):
     at t = s/T draw x1 ~ p(x_1 | x_t) over the K codes (x_1 is data: MASK's logit is dropped); where
     x_t != x1, jump to x1 with probability 1 - exp(-h kappa'/(1 - kappa)); the last step returns x1. Image b's
@@ -435,16 +429,12 @@ def check_dfm_checkpoint(ckpt, path):
                         "is now the paper's (kappa = t, an embedding of the codes and MASK, K + 1 logits)")
 
 
-# The one place that dispatches on the objective: its training loss, and its velocity (DFM: jumps instead).
-Objective = collections.namedtuple("Objective", "training_loss velocity")
-OBJECTIVES = {"purr": Objective(purr_training_loss, purr_velocity), "cfm": Objective(cfm_training_loss, cfm_velocity),
-              "cfm-endpoint": Objective(functools.partial(cfm_training_loss, endpoint=True),
+# Each objective: its training loss, and its velocity (DFM: none, it samples by jumps).
+Objective = collections.namedtuple("Objective", "loss velocity")
+OBJECTIVES = {"purr": Objective(purr_loss, purr_velocity), "cfm": Objective(cfm_loss, cfm_velocity),
+              "cfm-endpoint": Objective(functools.partial(cfm_loss, endpoint=True),
                                         functools.partial(cfm_velocity, endpoint=True)),
-              "dfm": Objective(dfm_training_loss, None)}
-
-
-def training_losses(model, objective, batch, codebook, z_weight):
-    return OBJECTIVES[objective].training_loss(model, batch, codebook, z_weight)
+              "dfm": Objective(dfm_loss, None)}
 
 
 @torch.no_grad()
@@ -455,7 +445,7 @@ def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100
     return algorithm2(v, z0, num_steps) if method == "euler" else integrate(v, z0, num_steps, method)
 
 
-def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None,
+def sample_codes(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None,
              precision="fp32", seeds=None):
     """Noise z0 [B,d,h,w] -> code indices [B,h,w]: sample_latents and the nearest code of z_1, or DFM's jumps
     (which ignore z0; image b's draws from seeds[b], default b). bf16 runs the DiT in autocast; pi, mu, the
@@ -463,7 +453,7 @@ def generate(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100
     with torch.autocast(z0.device.type, torch.bfloat16, enabled=precision == "bf16"):
         if objective == "dfm":
             seeds = range(len(y)) if seeds is None else seeds
-            return sample_dfm(model, len(tok.codebook), y, z0[:, 0].shape, seeds, tau, cfg_scale, num_steps)
+            return dfm_sample(model, len(tok.codebook), y, z0[:, 0].shape, seeds, tau, cfg_scale, num_steps)
         z1 = sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective, on_logits)
     return tok.quantize(z1)
 
@@ -525,7 +515,7 @@ def train_step(model, opt, micro_batches, objective, codebook, z_weight, autocas
     for i, batch in enumerate(micro_batches):
         with model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext():
             with autocast:
-                losses = training_losses(model, objective, batch, codebook, z_weight)
+                losses = OBJECTIVES[objective].loss(model, batch, codebook, z_weight)
             (losses["loss"] / n).backward()
         for k, v in losses.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / n
@@ -584,7 +574,7 @@ def train(args):
             losses = train_step(ddp, opt, micro, cfg["objective"], codebook, cfg["z_loss"], autocast,
                                 cfg["max_grad_norm"])
             # One all-reduce per step: a stop request, a non-finite loss, newly met unreadable files on any rank.
-            stopping, nonfinite, new_bad = agree(world, device, bool(stop), not torch.isfinite(losses["loss"]), len(fresh))
+            stopping, nonfinite, new_bad = sum_over_ranks(world, device, bool(stop), not torch.isfinite(losses["loss"]), len(fresh))
             if new_bad:
                 unreadable.add(fresh, rank)
             if nonfinite:
@@ -598,7 +588,7 @@ def train(args):
             if cfg["sample_every"] and step % cfg["sample_every"] == 0 and rank == 0:
                 sample_grid(run, step, ema, tok, cfg, device)
             if stopping:
-                say_stopped(cfg, step, last_saved, rank, world)
+                print_resume_command(cfg, step, last_saved, rank, world)
                 break
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -693,14 +683,14 @@ def latent_shape(cfg, data, tok):
             "num_classes": data.num_classes}
 
 
-def build_model(a):
+def build_model(cfg):
     """The DiT of a run, from its settings: one place, so train and sample always agree."""
-    d, K, objective = a["latent_channels"], a["codebook_size"], a["objective"]
+    d, K, objective = cfg["latent_channels"], cfg["codebook_size"], cfg["objective"]
     dfm = objective == "dfm"  # indices with MASK = K in, K + 1 logits out (the authors' DFM)
-    return DiT_models[a["model"]](input_size=a["latent_size"], in_channels=d, codebook_size=K,
-                                  num_classes=a["num_classes"], vocab_size=K + 1 if dfm else None,
-                                  out_channels=d if objective.startswith("cfm") else K + 1 if dfm else None,
-                                  time_scale=a.get("time_scale", LEGACY_DEFAULTS["time_scale"]))
+    return DiT_models[cfg["model"]](input_size=cfg["latent_size"], in_channels=d, codebook_size=K,
+                                    num_classes=cfg["num_classes"], vocab_size=K + 1 if dfm else None,
+                                    out_channels=d if objective.startswith("cfm") else K + 1 if dfm else None,
+                                    time_scale=cfg.get("time_scale", LEGACY_DEFAULTS["time_scale"]))
 
 
 def build_training(cfg, ckpt, path, device):
@@ -744,13 +734,13 @@ def sample_grid(run, step, ema, tok, cfg, device, per_label=4):
     with torch.no_grad():  # generators only: the training's random state is left as it was
         z0 = torch.randn(len(y), d, size, size, generator=torch.Generator().manual_seed(cfg["seed"]))
         z0 = z0.to(device)
-        c = generate(ema, tok, cfg["objective"], y, z0, tau=0.8, precision=cfg["precision"],
+        c = sample_codes(ema, tok, cfg["objective"], y, z0, tau=0.8, precision=cfg["precision"],
                      seeds=cfg["seed"] * 10_000_019 + torch.arange(len(y)))
     os.makedirs(os.path.join(run, "samples"), exist_ok=True)
     save_grid(vqlib.to_uint8(tok.decode(c)), len(labels), os.path.join(run, "samples", f"{step:07d}.png"))
 
 
-def say_stopped(cfg, step, last_saved, rank, world):
+def print_resume_command(cfg, step, last_saved, rank, world):
     """The command that resumes the run: the checkpoint holds every setting, so it needs no other flag."""
     if rank == 0:
         launch = "python purr.py" if world == 1 else f"torchrun --nproc_per_node={world} purr.py"
@@ -766,10 +756,10 @@ def sample(args):
     its index), so the images do not depend on the number of processes or the batch size."""
     ckpt_path = check_sample_args(args)
     rank, world, device = setup_distributed()
-    model, tok, a, step = load_sampler(ckpt_path, args.vq_ckpt, device)
-    labels, y = sample_labels(args, a)
-    args.tau = objective_tau(args, a)
-    n, size, d, grid = len(y), a["latent_size"], a["latent_channels"], args.out.endswith(".png")
+    model, tok, cfg, step = load_sampler(ckpt_path, args.vq_ckpt, device)
+    labels, y = sample_labels(args, cfg)
+    args.tau = objective_tau(args, cfg)
+    n, size, d, grid = len(y), cfg["latent_size"], cfg["latent_channels"], args.out.endswith(".png")
     mine = range(rank * n // world, (rank + 1) * n // world)
     net = compile_in_place(model) if args.compile else model
     tau = tau_schedule(args.tau_schedule, args.tau, args.tau_end)
@@ -783,7 +773,7 @@ def sample(args):
         z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(s))
                           for s in seeds]).to(device)
         record = entropy_recorder(model, tau, args.entropy_t, entropies) if args.entropy_map else None
-        c = generate(net, tok, a["objective"], y[idx.start:idx.stop].to(device), z0, tau, args.cfg_scale,
+        c = sample_codes(net, tok, cfg["objective"], y[idx.start:idx.stop].to(device), z0, tau, args.cfg_scale,
                      args.num_steps, args.method, record, args.precision, seeds)
         images.append(vqlib.to_uint8(tok.decode(c)).cpu())
         if rank == 0:
@@ -796,15 +786,15 @@ def sample(args):
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        recipe = (f"{n} samples from {ckpt_path} (EMA, step {step}, {a['objective']}), tau={args.tau}"
+        recipe = (f"{n} samples from {ckpt_path} (EMA, step {step}, {cfg['objective']}), tau={args.tau}"
                   f"{f' -> {args.tau_end} ({args.tau_schedule})' if args.tau_schedule != 'constant' else ''} "
                   f"cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
         write_samples(args, world, labels, y, grid, recipe)
         if args.entropy_map:
             shards = [f"{args.out}.rank{r}.entropy.npy" for r in range(world)]
-            h = torch.from_numpy(np.concatenate([np.load(s) for s in shards])) / math.log(a["codebook_size"])
+            h = torch.from_numpy(np.concatenate([np.load(s) for s in shards])) / math.log(cfg["codebook_size"])
             emap = os.path.splitext(args.out)[0] + "_entropy.png"
-            save_grid(heat(h, images.shape[-1]), len(labels), emap)
+            save_grid(heat_map(h, images.shape[-1]), len(labels), emap)
             for s in shards:
                 os.remove(s)
             print(f"entropy of pi at t={args.entropy_t} (0 black .. log K white) -> {emap}")
@@ -841,24 +831,24 @@ def check_sample_args(args):
     return ckpt_path
 
 
-def objective_tau(args, a):
+def objective_tau(args, cfg):
     """--method and --tau for the checkpoint's objective -> the tau to sample at. DFM jumps by discrete Euler
     steps only, and samples at tau = 1 (its model's own distribution) unless --tau is given; others at 0.8."""
-    dfm = a["objective"] == "dfm"
+    dfm = cfg["objective"] == "dfm"
     if dfm and args.method != "euler":
         raise PurrError(f"--method {args.method}: DFM samples by discrete Euler jumps (--method euler); "
                         "the ODE solvers are for purr, cfm and cfm-endpoint")
     return args.tau if args.tau is not None else 1.0 if dfm else 0.8
 
 
-def sample_labels(args, a):
+def sample_labels(args, cfg):
     """(the labels shown, one per image): a grid has one row per label; a batch for FID cycles through
     the labels, so classes are balanced."""
-    classes, grid = a["num_classes"], args.out.endswith(".png")
+    classes, grid = cfg["num_classes"], args.out.endswith(".png")
     labels = args.class_labels or default_labels(classes, grid)
-    if args.entropy_map and a["objective"] != "purr":
+    if args.entropy_map and cfg["objective"] != "purr":
         raise PurrError(f"--entropy-map shows the entropy of Purrception's posterior over codes; this "
-                        f"{a['objective']} checkpoint has none")
+                        f"{cfg['objective']} checkpoint has none")
     if not all(0 <= l < classes for l in labels):
         raise PurrError(f"--class-labels must lie in [0, {classes - 1}]")
     n = args.num_samples or 8 * len(labels)
@@ -905,13 +895,13 @@ def write_samples(args, world, labels, y, grid, recipe):
 def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
     """EMA model, tokenizer, settings and step of a checkpoint."""
     ckpt = load_checkpoint(ckpt_path)
-    a, spec = ckpt["args"], ckpt["vq"]
+    cfg, spec = ckpt["args"], ckpt["vq"]
     tok = vqlib.load_tokenizer("tiny", ckpt_path) if spec["name"] == "tiny" else \
         vqlib.load_tokenizer(spec["name"], vq_ckpt or spec["ckpt"])
     check_dfm_checkpoint(ckpt, ckpt_path)
-    model = build_model(a)
+    model = build_model(cfg)
     model.load_state_dict(ckpt["ema"])
-    return model.eval().to(device), tok.to(device), a, ckpt["step"]
+    return model.eval().to(device), tok.to(device), cfg, ckpt["step"]
 
 
 # ==============================================================================================
@@ -989,9 +979,9 @@ def bench(args):
     sampling throughput with guidance (a 50k FID run's size). Both report peak memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    a = {"model": args.model, "objective": args.objective, "latent_size": args.latent_size,
-         "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
-    model = build_model(a).to(device)
+    cfg = {"model": args.model, "objective": args.objective, "latent_size": args.latent_size,
+           "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
+    model = build_model(cfg).to(device)
     model.grad_checkpoint = args.grad_checkpoint
     codebook = torch.randn(args.codebook_size, args.latent_channels, device=device)
     B, s = args.batch_size, args.latent_size
@@ -1003,7 +993,7 @@ def bench(args):
         y, z0 = torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device)
         tok = types.SimpleNamespace(codebook=codebook, quantize=lambda z: vqlib.nearest_code(z, codebook))
         net = (compile_in_place(model) if args.compile else model).eval()
-        ms = timed(device, args.warmup, args.steps, lambda n: generate(net, tok, args.objective, y, z0, 1.0,
+        ms = timed(device, args.warmup, args.steps, lambda n: sample_codes(net, tok, args.objective, y, z0, 1.0,
                                                                         args.cfg_scale, n, "euler", None, args.precision))
         print(f"{head}, sampling with cfg {args.cfg_scale}: {ms:.1f} ms per network evaluation ({1000 / ms:.2f} NFE/s), "
               f"{1000 * B / ms / 100:.3f} images/s at 100 Euler steps, {peak_memory(device)}")

@@ -63,7 +63,7 @@ def evaluate(sampler, clf, tau, n, num_steps, method="euler", cfg_scale=1.0, z0=
     z0 = torch.randn(n, a["latent_channels"], a["latent_size"], a["latent_size"],
                      generator=torch.Generator().manual_seed(0)) if z0 is None else z0
     t0 = time.perf_counter()
-    c = torch.cat([purr.generate(model, tok, a["objective"], y[i:i + 100], z0[i:i + 100], tau, cfg_scale, num_steps,
+    c = torch.cat([purr.sample_codes(model, tok, a["objective"], y[i:i + 100], z0[i:i + 100], tau, cfg_scale, num_steps,
                                  method, seeds=range(n)[i:i + 100]) for i in range(0, n, 100)])
     images = vqlib.to_uint8(tok.decode(c))
     seconds = (time.perf_counter() - t0) * 100 / n

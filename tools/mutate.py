@@ -78,9 +78,9 @@ MUTATIONS = [
              "lr *= (steps - step) / (steps * cfg[\"decay\"])",
              "lr *= (steps - step + 1) / (steps * cfg[\"decay\"])", "test_learning_rate"),
     # Eq. 14: cross-entropy plus the z-loss (log Z)^2.
-    Mutation("zloss_not_squared", "purr.py", "purr_loss", "z_weight * log_z.pow(2).mean()",
+    Mutation("zloss_not_squared", "purr.py", "cross_entropy_z", "z_weight * log_z.pow(2).mean()",
              "z_weight * log_z.mean()", LOSS),
-    Mutation("zloss_left_out_of_the_loss", "purr.py", "purr_training_loss",
+    Mutation("zloss_left_out_of_the_loss", "purr.py", "purr_loss",
              'return {"loss": ce + zloss, "ce": ce', 'return {"loss": ce, "ce": ce', LOSS),
     Mutation("ce_backward_ignores_zloss", "purr.py", "CrossEntropyZ.backward", "w = g_ce + g_log_z",
              "w = g_ce", LOSS),
@@ -163,8 +163,8 @@ MUTATIONS = [
     Mutation("save_leaves_tmp", "appendix.py", "save_checkpoint",
              'os.remove(path + ".tmp")\n        previous', 'pass\n        previous', SAVE),
     # Signals: recorded by stop_requests, then the loop saves and stops.
-    Mutation("signal_flag_ignored", "purr.py", "train", "agree(world, device, bool(stop), not torch.isfinite",
-             "agree(world, device, False, not torch.isfinite", SIGNALS),
+    Mutation("signal_flag_ignored", "purr.py", "train", "sum_over_ranks(world, device, bool(stop), not torch.isfinite",
+             "sum_over_ranks(world, device, False, not torch.isfinite", SIGNALS),
     Mutation("signal_handlers_not_restored", "appendix.py", "stop_requests",
              "            signal.signal(s, handler)\n", "            pass\n", SIGNALS),
     Mutation("sigusr1_not_handled", "appendix.py", "STOP_SIGNALS",
