@@ -470,7 +470,7 @@ def tau_schedule(kind, tau, tau_end=None):
 # Training: Algorithm 1 over a dataset, as `purr.py train` runs it.
 
 # The defaults, as (demo, --data). With --data: the paper's recipe (App. C). The built-in demo must show the
-# method in ~3 CPU minutes, so it trains the small N/4 (1.3M parameters, 4 tokens per 8x8 latent: more steps
+# method in ~3 CPU minutes, so it trains the small N/4 (1.8M parameters, 4 tokens per 8x8 latent: more steps
 # per second beat a wider model or more tokens) for 3,000 steps at lr 3e-3 decayed linearly to 0 over the
 # last 30 % (the decay buys much of the quality), with a short EMA (half-life ~70 steps); the paper's 1e-4
 # and 0.9999 need far more steps (README: "The demo's recipe"). `--help` prints both; a checkpoint stores
