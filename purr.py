@@ -446,7 +446,7 @@ def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100
 
 
 def sample_codes(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None,
-             precision="fp32", seeds=None):
+                 precision="fp32", seeds=None):
     """Noise z0 [B,d,h,w] -> code indices [B,h,w]: sample_latents and the nearest code of z_1, or DFM's jumps
     (which ignore z0; image b's draws from seeds[b], default b). bf16 runs the DiT in autocast; pi, mu, the
     ODE state and the tokenizer stay fp32."""
@@ -727,17 +727,23 @@ def announce(cfg, model, data, tok, layout, resumed, changed):
 
 def sample_grid(run, step, ema, tok, cfg, device, per_label=4):
     """--sample-every: a grid from the EMA weights in RUN/samples/STEP.png, its noise and labels drawn from
-    the run's seed alone, so that successive grids differ by the training only (tau 0.8, 100 Euler steps)."""
+    the run's seed alone, so that successive grids differ by the training only (sample's default tau, 100 Euler steps)."""
     labels = default_labels(cfg["num_classes"], grid=True)
     y = torch.tensor(labels).repeat_interleave(per_label).to(device)
-    d, size = cfg["latent_channels"], cfg["latent_size"]
+    seeds, z0 = image_noise(cfg["seed"], range(len(y)), cfg["latent_channels"], cfg["latent_size"], device)
     with torch.no_grad():  # generators only: the training's random state is left as it was
-        z0 = torch.randn(len(y), d, size, size, generator=torch.Generator().manual_seed(cfg["seed"]))
-        z0 = z0.to(device)
-        c = sample_codes(ema, tok, cfg["objective"], y, z0, tau=0.8, precision=cfg["precision"],
-                     seeds=cfg["seed"] * 10_000_019 + torch.arange(len(y)))
+        c = sample_codes(ema, tok, cfg["objective"], y, z0, tau=default_tau(cfg["objective"]),
+                         precision=cfg["precision"], seeds=seeds)
     os.makedirs(os.path.join(run, "samples"), exist_ok=True)
     save_grid(vqlib.to_uint8(tok.decode(c)), len(labels), os.path.join(run, "samples", f"{step:07d}.png"))
+
+
+def image_noise(seed, indices, d, size, device):
+    """(the seeds, z_0 [B,d,size,size]) of images `indices`: image j's noise, and DFM's draws, come from (seed, j)
+    alone, so they do not depend on the batch size or the number of processes."""
+    seeds = [seed * 10_000_019 + j for j in indices]
+    z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return seeds, z0.to(device)
 
 
 def print_resume_command(cfg, step, last_saved, rank, world):
@@ -769,12 +775,10 @@ def sample(args):
     images, entropies, progress = [], [], Progress("sample", n, len(mine), "images")
     for i in range(mine.start, mine.stop, args.batch_size):
         idx = range(i, min(i + args.batch_size, mine.stop))
-        seeds = [args.seed * 10_000_019 + j for j in idx]  # image j's noise (or DFM's draws) from (seed, j)
-        z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(s))
-                          for s in seeds]).to(device)
+        seeds, z0 = image_noise(args.seed, idx, d, size, device)
         record = entropy_recorder(model, tau, args.entropy_t, entropies) if args.entropy_map else None
         c = sample_codes(net, tok, cfg["objective"], y[idx.start:idx.stop].to(device), z0, tau, args.cfg_scale,
-                     args.num_steps, args.method, record, args.precision, seeds)
+                         args.num_steps, args.method, record, args.precision, seeds)
         images.append(vqlib.to_uint8(tok.decode(c)).cpu())
         if rank == 0:
             progress.update(len(idx))
@@ -838,7 +842,11 @@ def objective_tau(args, cfg):
     if dfm and args.method != "euler":
         raise PurrError(f"--method {args.method}: DFM samples by discrete Euler jumps (--method euler); "
                         "the ODE solvers are for purr, cfm and cfm-endpoint")
-    return args.tau if args.tau is not None else 1.0 if dfm else 0.8
+    return args.tau if args.tau is not None else default_tau(cfg["objective"])
+
+
+def default_tau(objective):
+    return 1.0 if objective == "dfm" else 0.8
 
 
 def sample_labels(args, cfg):
@@ -994,7 +1002,8 @@ def bench(args):
         tok = types.SimpleNamespace(codebook=codebook, quantize=lambda z: vqlib.nearest_code(z, codebook))
         net = (compile_in_place(model) if args.compile else model).eval()
         ms = timed(device, args.warmup, args.steps, lambda n: sample_codes(net, tok, args.objective, y, z0, 1.0,
-                                                                        args.cfg_scale, n, "euler", None, args.precision))
+                                                                            args.cfg_scale, n, "euler", None,
+                                                                            args.precision))
         print(f"{head}, sampling with cfg {args.cfg_scale}: {ms:.1f} ms per network evaluation ({1000 / ms:.2f} NFE/s), "
               f"{1000 * B / ms / 100:.3f} images/s at 100 Euler steps, {peak_memory(device)}")
         return
