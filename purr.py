@@ -35,10 +35,11 @@ import torch.nn.functional as F
 
 import fid
 import vq as vqlib
-from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder, Unreadable, sum_over_ranks,
-                      checkpoint_paths, collate, default_precision, demo_dataset, heat_map, keep_freed_memory,
-                      load_checkpoint, new_run_dir, peak_memory, save_grid, save_run, setup_distributed, split_batch,
-                      stop_requests, timed, to_unit, write_adm_npz)
+from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder,
+                      Unreadable, checkpoint_paths, collate, default_precision, demo_dataset, heat_map,
+                      keep_freed_memory, load_checkpoint, new_run_dir, peak_memory, save_grid, save_run,
+                      setup_distributed, split_batch, stop_requests, sum_over_ranks, timed, to_unit,
+                      write_adm_npz)
 
 
 # ==============================================================================================
@@ -182,8 +183,9 @@ class DiT(nn.Module):
             return self(z, t, y)
         null = torch.full_like(y, self.num_classes)
         cond, uncond = self(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        # In place when sampling (no autograd), so guidance adds no K-wide tensor.
-        return torch.lerp(uncond, cond, cfg_scale) if torch.is_grad_enabled() else uncond.lerp_(cond, cfg_scale)
+        if torch.is_grad_enabled():
+            return torch.lerp(uncond, cond, cfg_scale)
+        return uncond.lerp_(cond, cfg_scale)  # in place when sampling, so guidance adds no K-wide tensor
 
 
 def unpatchify(x):
@@ -234,7 +236,7 @@ class CrossEntropyZ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, c, chunk):
         acc = torch.promote_types(logits.dtype, torch.float32)  # accumulate in fp32 at least
-        # log pi_c from log_softmax (one fused pass; logsumexp takes several), then log Z = logit_c - log pi_c.
+        # log pi_c from log_softmax (one fused pass; logsumexp takes several); log Z = logit_c - log pi_c.
         ce = -torch.cat([torch.log_softmax(l.to(acc), 1).gather(1, cc[:, None])[:, 0]
                          for l, cc in zip(logits.split(chunk), c.split(chunk))])
         log_z = logits.gather(1, c[:, None])[:, 0].to(acc) + ce
@@ -251,7 +253,7 @@ class CrossEntropyZ(torch.autograd.Function):
         for s in chunks:
             e = min(s + ctx.chunk, len(logits))
             g = torch.softmax(logits[s:e].to(log_z.dtype), 1).mul_(w[s:e, None])  # one fused pass for pi
-            # The one-hot is subtracted in fp32, before the cast: in bf16, pi_c - 1 cancels to 0 for pi_c > 0.999.
+            # The one-hot is subtracted in fp32, before the cast: in bf16, pi_c - 1 is 0 for pi_c > 0.999.
             g[torch.arange(e - s, device=g.device), c[s:e]] -= g_ce[s:e]
             if grad is None:
                 return g.to(logits.dtype), None, None
@@ -267,11 +269,11 @@ def cross_entropy_z(logits, c, z_weight=1e-5, chunk=8192):
     return ce.mean(), z_weight * log_z.pow(2).mean()
 
 
-def purr_loss(model, b, codebook, z_weight):
+def purr_loss(model, batch, codebook, z_weight):
     """Algorithm 1 on a batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14).
     The logits stay in token order; the codes are put in the same order."""
-    logits = model(interpolant(b.z0, embed(codebook, b.c), b.t), b.t, b.y)
-    ce, zloss = cross_entropy_z(logits, patchify(b.c, math.isqrt(logits.shape[2])), z_weight)
+    logits = model(interpolant(batch.z0, embed(codebook, batch.c), batch.t), batch.t, batch.y)
+    ce, zloss = cross_entropy_z(logits, patchify(batch.c, math.isqrt(logits.shape[2])), z_weight)
     return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
 
 
@@ -279,8 +281,8 @@ POSITIONS_PER_CHUNK = 4096  # rows of logits turned into fp32 at once by posteri
 
 
 def posterior(logits, tau):
-    """pi = softmax(logits / tau) (Eq. 15), in fp32: the categorical posterior q(c | z_t) = Cat(c | pi) of Eq. 12
-    at every position. logits [..., K]."""
+    """pi = softmax(logits / tau) (Eq. 15), in fp32: the categorical posterior q(c | z_t) = Cat(c | pi) of
+    Eq. 12 at every position. logits [..., K]."""
     return torch.softmax(logits.float() / tau, -1)
 
 
@@ -301,8 +303,8 @@ def temperature(tau, t):
 
 def network(model, z, t, y, cfg_scale):
     """The (guided) network output at time t, in token order [B, tokens, p*p, C]."""
-    return model.forward_with_cfg(z, torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(len(z)), y,
-                                  cfg_scale)
+    t = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(len(z))
+    return model.forward_with_cfg(z, t, y, cfg_scale)
 
 
 def purr_velocity(model, codebook, y, tau, cfg_scale, on_logits=None):
@@ -313,7 +315,7 @@ def purr_velocity(model, codebook, y, tau, cfg_scale, on_logits=None):
         logits = network(model, z, t, y, cfg_scale)
         if on_logits is not None:
             on_logits(t, logits)
-        mu = posterior_mean(logits, codebook, temperature(tau, t))  # per position: d channels, not K, are reordered
+        mu = posterior_mean(logits, codebook, temperature(tau, t))  # d channels, not K, are reordered
         return (unpatchify(mu) - z) / (1 - t)
     return v
 
@@ -361,11 +363,11 @@ def entropy(logits, tau):
 # z_1 - z_0; CFM-endpoint regresses z_1 and moves like Eq. 13 with its prediction in mu's place;
 # DFM (Gat et al. 2024) predicts codes from masked codes and samples by discrete jumps.
 
-def cfm_loss(model, b, codebook, z_weight, endpoint=False):
+def cfm_loss(model, batch, codebook, z_weight, endpoint=False):
     """MSE of the network's output against the velocity z_1 - z_0 (CFM), or against z_1 (CFM-endpoint)."""
-    z1 = embed(codebook, b.c)
-    out = unpatchify(model(interpolant(b.z0, z1, b.t), b.t, b.y)).float()
-    mse = (out - (z1 if endpoint else z1 - b.z0)).pow(2).mean()
+    z1 = embed(codebook, batch.c)
+    out = unpatchify(model(interpolant(batch.z0, z1, batch.t), batch.t, batch.y)).float()
+    mse = (out - (z1 if endpoint else z1 - batch.z0)).pow(2).mean()
     return {"loss": mse, "mse": mse}
 
 
@@ -387,10 +389,10 @@ def dfm_rate(t):
     return 1 / (1 - t)
 
 
-def dfm_loss(model, b, codebook, z_weight):
+def dfm_loss(model, batch, codebook, z_weight):
     """Cross-entropy of the K + 1 logits (MASK's too, as in the authors' code) against c, and the z-loss."""
-    logits = model(dfm_path(b.c, b.t, b.u, len(codebook)), b.t, b.y)
-    ce, zloss = cross_entropy_z(logits, patchify(b.c, math.isqrt(logits.shape[2])), z_weight)
+    logits = model(dfm_path(batch.c, batch.t, batch.u, len(codebook)), batch.t, batch.y)
+    ce, zloss = cross_entropy_z(logits, patchify(batch.c, math.isqrt(logits.shape[2])), z_weight)
     return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
 
 
@@ -445,8 +447,8 @@ def sample_latents(model, codebook, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100
     return algorithm2(v, z0, num_steps) if method == "euler" else integrate(v, z0, num_steps, method)
 
 
-def sample_codes(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler", on_logits=None,
-                 precision="fp32", seeds=None):
+def sample_codes(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps=100, method="euler",
+                 on_logits=None, precision="fp32", seeds=None):
     """Noise z0 [B,d,h,w] -> code indices [B,h,w]: sample_latents and the nearest code of z_1, or DFM's jumps
     (which ignore z0; image b's draws from seeds[b], default b). bf16 runs the DiT in autocast; pi, mu, the
     ODE state and the tokenizer stay fp32."""
@@ -454,7 +456,8 @@ def sample_codes(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps
         if objective == "dfm":
             seeds = range(len(y)) if seeds is None else seeds
             return dfm_sample(model, len(tok.codebook), y, z0[:, 0].shape, seeds, tau, cfg_scale, num_steps)
-        z1 = sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective, on_logits)
+        z1 = sample_latents(model, tok.codebook, y, z0, tau, cfg_scale, num_steps, method, objective,
+                            on_logits)
     return tok.quantize(z1)
 
 
@@ -469,30 +472,37 @@ def tau_schedule(kind, tau, tau_end=None):
 # ==============================================================================================
 # Training: Algorithm 1 over a dataset, as `purr.py train` runs it.
 
-# The defaults, as (demo, --data). With --data: the paper's recipe (App. C). The built-in demo must show the
-# method in ~3 CPU minutes, so it trains the small N/4 (1.8M parameters, 4 tokens per 8x8 latent: more steps
-# per second beat a wider model or more tokens) for 3,000 steps at lr 3e-3 decayed linearly to 0 over the
-# last 30 % (the decay buys much of the quality), with a short EMA (half-life ~70 steps); the paper's 1e-4
-# and 0.9999 need far more steps (README: "The demo's recipe"). `--help` prints both; a checkpoint stores
-# every value; on resume a flag not given takes the checkpoint's (the data and tokenizer too, data ..
-# image_size: a resumed run needs nothing but its checkpoint). Precision "auto": default_precision().
-TRAIN_DEFAULTS = {"model": ("N/4", "S/2"), "steps": (3000, 400_000), "global_batch_size": (64, 256),
-                  "lr": (3e-3, 1e-4), "warmup": (0, 0), "decay": (0.3, 0.0), "ema_decay": (0.99, 0.9999),
-                  "objective": ("purr", "purr"), "z_loss": (1e-5, 1e-5), "class_dropout": (0.1, 0.1),
-                  "log_every": (100, 100), "ckpt_every": (1000, 50_000), "keep": (0, 0), "seed": (0, 0),
-                  "precision": ("auto", "auto"), "num_workers": (0, 8), "grad_accum": (1, 1),
-                  "micro_batch_size": (0, 0), "grad_checkpoint": (False, False), "compile": (False, False),
-                  "data": (None, None), "demo_size": (10_000, 10_000), "vq": ("llamagen-vq-ds8",) * 2,
-                  "vq_ckpt": (None, None), "image_size": (256, 256), "time_scale": (1000.0, 1.0),
-                  "max_grad_norm": (0.0, 1.0), "ema_warmup": (False, True), "t_min": (0.0, 1e-3),
-                  "adam_eps": (1e-6, 1e-6)}
-# What a checkpoint saved before a setting existed was trained with: so it resumes and samples as it did.
-LEGACY_DEFAULTS = {"time_scale": 1000.0, "max_grad_norm": 0.0, "ema_warmup": False, "t_min": 0.0,
-                   "adam_eps": 1e-6}
-DEMO_TOKENIZER = {"codebook_size": 256, "dim": 8, "patch": 4, "iters": 8}  # vq.fit_tiny: K codes, d, patch side, k-means steps
+# Every setting of a run, with the defaults of a run on --data: the paper's recipe (App. C, and App. D's
+# z-loss), with four choices of the authors' code. `purr.py train --help` shows each flag's default and
+# the demo's; a checkpoint stores every value, and a resumed run takes them from it (flags given override).
+SETTINGS = dict(
+    # the model and the objective (App. C, D), DiT's label dropout (for guidance)
+    model="S/2", objective="purr", z_loss=1e-5, class_dropout=0.1,
+    # optimisation (App. C): AdamW at a constant lr, batch 256, EMA 0.9999
+    steps=400_000, global_batch_size=256, lr=1e-4, warmup=0, decay=0.0,
+    weight_decay=0.01, beta1=0.9, beta2=0.999, adam_eps=1e-6, ema_decay=0.9999,
+    # the authors' code: time input t (DiT's 1000 t), torch_ema's warm-up, clipping, t ~ U(t_min, 1)
+    time_scale=1.0, ema_warmup=True, max_grad_norm=1.0, t_min=1e-3,
+    # data and the frozen tokenizer
+    data=None, vq="llamagen-vq-ds8", vq_ckpt=None, image_size=256, demo_size=10_000,
+    # how the same update is computed: accumulation, memory, precision ("auto": default_precision())
+    grad_accum=1, micro_batch_size=0, grad_checkpoint=False, compile=False, precision="auto", num_workers=8,
+    # logs, checkpoints, grids
+    log_every=100, ckpt_every=50_000, keep=0, sample_every=0, seed=0,
+)
+# The built-in demo (no --data) must show the method in ~3 CPU minutes: the small N/4 (1.8M parameters, 4
+# tokens per 8x8 latent: more steps per second beat a wider model or more tokens) for 3,000 steps at lr 3e-3
+# decayed linearly to 0 over the last 30 % (the decay buys much of the quality), a short EMA (half-life ~70
+# steps), DiT's time input 1000 t; App. C's 1e-4 and 0.9999 need far more steps (benchmarks/README.md).
+DEMO = dict(model="N/4", steps=3000, global_batch_size=64, lr=3e-3, decay=0.3, ema_decay=0.99,
+            time_scale=1000.0, ema_warmup=False, max_grad_norm=0.0, t_min=0.0, num_workers=0, ckpt_every=1000)
+# What a checkpoint saved before these settings existed was trained with: it resumes and samples as it did.
+LEGACY = dict(time_scale=1000.0, max_grad_norm=0.0, ema_warmup=False, t_min=0.0)
+DEMO_TOKENIZER = dict(codebook_size=256, dim=8, patch=4, iters=8)  # vq.fit_tiny: K, d, patch, k-means steps
 # What a resumed run may change: schedule, logging, disk, and how the same global batch is computed.
-RESUME_MAY_CHANGE = ("steps", "lr", "warmup", "decay", "log_every", "ckpt_every", "num_workers", "keep", "precision",
-                     "grad_accum", "micro_batch_size", "grad_checkpoint", "compile")
+RESUME_MAY_CHANGE = ("steps", "lr", "warmup", "decay", "log_every", "ckpt_every", "sample_every", "keep",
+                     "num_workers", "precision", "grad_accum", "micro_batch_size", "grad_checkpoint",
+                     "compile")
 
 
 def learning_rate(cfg, step):
@@ -538,11 +548,11 @@ def ema_decay(cfg, n):
     return min(cfg["ema_decay"], (1 + n) / (10 + n)) if cfg["ema_warmup"] else cfg["ema_decay"]
 
 
-def adamw(model, lr, eps=1e-6):
-    """AdamW with App. C's settings, fused (one kernel for all parameters, on CUDA and CPU alike): PyTorch's
-    default on CPU loops over the parameters in Python, ~5x slower in the demo."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999), eps=eps,
-                             fused=True)
+def adamw(model, cfg):
+    """AdamW with the run's settings (App. C's by default), fused: one kernel for all parameters, on CUDA and
+    CPU alike (PyTorch's default on CPU loops over the parameters in Python, ~5x slower in the demo)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                             betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"], fused=True)
 
 
 def train(args):
@@ -555,31 +565,37 @@ def train(args):
     data, tok = open_data(cfg, device, ckpt_path)
     cfg.update(latent_shape(cfg, data, tok))
     model, ema, opt, step = build_training(cfg, ckpt, ckpt_path, device)
-    G, steps = cfg["global_batch_size"], cfg["steps"]
-    b, n_micro = split_batch(G, world, cfg["grad_accum"], cfg["micro_batch_size"])
-    layout = f"{world} process(es) x {n_micro} micro-batch(es) of {b // n_micro} on {device}"
-    run = announce(cfg, model, data, tok, layout, ckpt_path and (ckpt_path, step), changed) if rank == 0 else None
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    ddp = torch.compile(ddp) if cfg["compile"] else ddp
-    loader = torch.utils.data.DataLoader(data, batch_sampler=RankBatches(len(data), step, steps, G, rank, world, cfg["seed"]),
-                                         collate_fn=collate, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
+    batch, steps = cfg["global_batch_size"], cfg["steps"]
+    per_rank, n_micro = split_batch(batch, world, cfg["grad_accum"], cfg["micro_batch_size"])
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of the global batch
+    layout = f"{world} process(es) x {n_micro} micro-batch(es) of {per_rank // n_micro} on {device}"
+    resumed = ckpt_path and (ckpt_path, step)
+    run = announce(cfg, model, data, tok, layout, resumed, changed) if rank == 0 else None
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if cfg["compile"] else net
+    plan = RankBatches(len(data), step, steps, batch, rank, world, cfg["seed"])
+    loader = torch.utils.data.DataLoader(data, batch_sampler=plan, collate_fn=collate,
+                                         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg["precision"] == "bf16")
-    codebook, unreadable, log, last_saved = tok.codebook.to(device), Unreadable(data, world), Log(run, world, G, step), ckpt_path
+    codebook, unreadable, last_saved = tok.codebook.to(device), Unreadable(data, world), ckpt_path
+    log = Log(run, world, batch, step)
     with stop_requests() as stop:
         for x, y, bad in loader:
             fresh = unreadable.fresh(bad)
-            micro = micro_batches(cfg, tok, x.to(device), y.to(device), step, slice(rank * b, (rank + 1) * b), n_micro)
+            micro = micro_batches(cfg, tok, x.to(device), y.to(device), step, rows, n_micro)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            losses = train_step(ddp, opt, micro, cfg["objective"], codebook, cfg["z_loss"], autocast,
+            losses = train_step(net, opt, micro, cfg["objective"], codebook, cfg["z_loss"], autocast,
                                 cfg["max_grad_norm"])
-            # One all-reduce per step: a stop request, a non-finite loss, newly met unreadable files on any rank.
-            stopping, nonfinite, new_bad = sum_over_ranks(world, device, bool(stop), not torch.isfinite(losses["loss"]), len(fresh))
+            # One all-reduce per step: a stop request, a non-finite loss, new unreadable files on any rank.
+            stopping, nonfinite, new_bad = sum_over_ranks(world, device, bool(stop),
+                                                          not torch.isfinite(losses["loss"]), len(fresh))
             if new_bad:
                 unreadable.add(fresh, rank)
             if nonfinite:
-                raise PurrError(f"the loss is not finite at step {step + 1}; nothing after step {step} is saved; "
-                                f"the last good checkpoint is {last_saved or '(none)'}: resume from it with a lower --lr")
+                raise PurrError(f"the loss is not finite at step {step + 1}; nothing after step {step} is "
+                                f"saved; the last good checkpoint is {last_saved or '(none)'}: resume "
+                                "from it with a lower --lr")
             update_ema(ema, model, ema_decay(cfg, step + 1))
             step += 1
             log.add(step, losses, len(unreadable.seen), final=step % cfg["log_every"] == 0 or step == steps)
@@ -595,25 +611,25 @@ def train(args):
     return run
 
 
-def micro_batches(cfg, tok, x, y, step, sl, n):
-    """This rank's slice `sl` of the step's global batch as n micro-Batches: codes c (images are encoded here),
+def micro_batches(cfg, tok, x, y, step, rows, n):
+    """This rank's `rows` of the step's global batch as n micro-Batches: codes c (images are encoded here),
     labels with the dropped ones set to the null class, and z_0, t (and DFM's uniforms) from draw_noise."""
     c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x  # clone: inference-mode tensors -> autograd
-    z0, t, drop, u = draw_noise(cfg["global_batch_size"], sl, step, cfg["seed"], cfg["latent_size"],
-                                cfg["latent_channels"], cfg["class_dropout"], x.device, cfg["t_min"])
+    z0, t, drop, uniforms = draw_noise(cfg["global_batch_size"], rows, step, cfg["seed"], cfg["latent_size"],
+                                       cfg["latent_channels"], cfg["class_dropout"], x.device, cfg["t_min"])
     y = torch.where(drop, cfg["num_classes"], y)
-    return [Batch(*m) for m in zip(*(v.chunk(n) for v in (c, y, z0, t, u)))]
+    return [Batch(*m) for m in zip(*(v.chunk(n) for v in (c, y, z0, t, uniforms)))]
 
 
-def draw_noise(G, sl, step, seed, size, d, class_dropout, device, t_min=0.0):
+def draw_noise(batch, rows, step, seed, size, d, class_dropout, device, t_min=0.0):
     """z_0, t ~ U(t_min, 1), label drops (and DFM's uniforms) of the whole global batch from (seed, step);
-    each rank takes its slice, so the update does not depend on the number of processes or micro-batches."""
+    each rank takes its rows, so the update does not depend on the number of processes or micro-batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    z0 = torch.randn(G, d, size, size, generator=g)[sl]
-    t = t_min + (1 - t_min) * torch.rand(G, generator=g)[sl]
-    drop = torch.rand(G, generator=g)[sl] < class_dropout
-    u = torch.rand(G, size, size, generator=g)[sl]
-    return z0.to(device), t.to(device), drop.to(device), u.to(device)
+    z0 = torch.randn(batch, d, size, size, generator=g)[rows]
+    t = t_min + (1 - t_min) * torch.rand(batch, generator=g)[rows]
+    drop = torch.rand(batch, generator=g)[rows] < class_dropout
+    uniforms = torch.rand(batch, size, size, generator=g)[rows]
+    return z0.to(device), t.to(device), drop.to(device), uniforms.to(device)
 
 
 def find_resume(args):
@@ -625,24 +641,34 @@ def find_resume(args):
 
 
 def resolve_config(args, ckpt):
-    """The run's settings as a dict: given flags, else the checkpoint's (on resume), else TRAIN_DEFAULTS.
-    On resume only RESUME_MAY_CHANGE may differ from the checkpoint; the changes are returned."""
-    cfg, changed = {k: v for k, v in vars(args).items() if k != "func"}, []
-    demo = (args.data or (ckpt["args"]["data"] if ckpt else None)) is None
-    for k, (demo_value, value) in TRAIN_DEFAULTS.items():
-        given, old = cfg[k], (ckpt["args"].get(k, LEGACY_DEFAULTS.get(k, demo_value if demo else value))
-                              if ckpt else None)
-        if ckpt and given is not None and given != old:
-            if k not in RESUME_MAY_CHANGE:
-                raise PurrError(f"the checkpoint was trained with --{k.replace('_', '-')} {old}, not {given}: resume "
-                                "with the same model and data (a resumed run may change only "
-                                f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)})")
-            changed.append(f"--{k.replace('_', '-')} {old} -> {given}")
-        cfg[k] = given if given is not None else old if ckpt else demo_value if demo else value
+    """The run's settings: the flags given, over the checkpoint's (on resume), over SETTINGS (and DEMO's
+    differences without --data). On resume only RESUME_MAY_CHANGE may differ from the checkpoint; the changes
+    are returned."""
+    given = {k: v for k, v in vars(args).items() if k != "func"}
+    cfg = {**SETTINGS, **(DEMO if (ckpt["args"] if ckpt else given).get("data") is None else {})}
+    if ckpt:
+        cfg.update({k: v for k, v in saved_settings(ckpt).items() if k in SETTINGS})
+    changed = {k: v for k, v in given.items() if ckpt and k in SETTINGS and v != cfg[k]}
+    k = next((k for k in changed if k not in RESUME_MAY_CHANGE), None)
+    if k:
+        raise PurrError(f"the checkpoint was trained with {flag(k)} {cfg[k]}, not {given[k]}: resume with "
+                        "the same model and data (a resumed run may change only "
+                        f"{', '.join(map(flag, RESUME_MAY_CHANGE))})")
+    changed = [f"{flag(k)} {cfg[k]} -> {v}" for k, v in changed.items()]
+    cfg.update(given)
     cfg["precision"] = default_precision() if cfg["precision"] == "auto" else cfg["precision"]
     if cfg["model"] not in DiT_models:
         raise PurrError(f"unknown --model {cfg['model']}; choose one of {', '.join(DiT_models)}")
     return cfg, changed
+
+
+def saved_settings(ckpt):
+    """A checkpoint's settings; one saved before a setting existed gets LEGACY's value, its behaviour then."""
+    return {**LEGACY, **ckpt["args"]}
+
+
+def flag(k):
+    return "--" + k.replace("_", "-")
 
 
 def open_data(cfg, device, resumed=None):
@@ -657,7 +683,8 @@ def open_data(cfg, device, resumed=None):
         return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
     if os.path.isfile(os.path.join(cfg["data"], "meta.json")):
         return open_tokens(cfg["data"], cfg["vq_ckpt"], device)
-    return ImageFolder(cfg["data"], cfg["image_size"]), vqlib.load_tokenizer(cfg["vq"], cfg["vq_ckpt"]).to(device)
+    data = ImageFolder(cfg["data"], cfg["image_size"])  # first: a missing folder is the error to report
+    return data, vqlib.load_tokenizer(cfg["vq"], cfg["vq_ckpt"]).to(device)
 
 
 def open_tokens(folder, vq_ckpt, device):
@@ -690,7 +717,7 @@ def build_model(cfg):
     return DiT_models[cfg["model"]](input_size=cfg["latent_size"], in_channels=d, codebook_size=K,
                                     num_classes=cfg["num_classes"], vocab_size=K + 1 if dfm else None,
                                     out_channels=d if objective.startswith("cfm") else K + 1 if dfm else None,
-                                    time_scale=cfg.get("time_scale", LEGACY_DEFAULTS["time_scale"]))
+                                    time_scale=cfg["time_scale"])
 
 
 def build_training(cfg, ckpt, path, device):
@@ -699,11 +726,11 @@ def build_training(cfg, ckpt, path, device):
     model = build_model(cfg).to(device)
     model.grad_checkpoint = cfg["grad_checkpoint"]
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = adamw(model, cfg["lr"], cfg["adam_eps"])
+    opt = adamw(model, cfg)
     if not ckpt:
         return model, ema, opt, 0
-    differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ("latent_size", "latent_channels", "codebook_size",
-                                                                      "num_classes") if ckpt["args"][k] != cfg[k]]
+    differ = [f"{flag(k)} {ckpt['args'][k]}" for k in ("latent_size", "latent_channels", "codebook_size",
+                                                       "num_classes") if ckpt["args"][k] != cfg[k]]
     if differ:
         raise PurrError(f"{path} was trained with {', '.join(differ)}: resume with the same model and data")
     check_dfm_checkpoint(ckpt, path)
@@ -715,10 +742,11 @@ def build_training(cfg, ckpt, path, device):
 
 def announce(cfg, model, data, tok, layout, resumed, changed):
     """The run folder (a new one, or that of the resumed checkpoint) and the run's first line."""
-    run = os.path.dirname(os.path.dirname(resumed[0])) if resumed else new_run_dir(cfg["results_dir"], cfg["model"])
+    run = (os.path.dirname(os.path.dirname(resumed[0])) if resumed
+           else new_run_dir(cfg["results_dir"], cfg["model"]))
     print(f"purr train: {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
-          f"{len(data)} images, tokenizer {tok.name} (K={cfg['codebook_size']}, d={cfg['latent_channels']}, latent "
-          f"{cfg['latent_size']}x{cfg['latent_size']}), {layout}, {cfg['precision']}, run folder {run}"
+          f"{len(data)} images, tokenizer {tok.name} (K={cfg['codebook_size']}, d={cfg['latent_channels']}, "
+          f"latent {cfg['latent_size']}x{cfg['latent_size']}), {layout}, {cfg['precision']}, run folder {run}"
           + (f", resumed at step {resumed[1]}" if resumed else ""), flush=True)
     if changed:
         print("resume: " + ", ".join(changed), flush=True)
@@ -727,7 +755,8 @@ def announce(cfg, model, data, tok, layout, resumed, changed):
 
 def sample_grid(run, step, ema, tok, cfg, device, per_label=4):
     """--sample-every: a grid from the EMA weights in RUN/samples/STEP.png, its noise and labels drawn from
-    the run's seed alone, so that successive grids differ by the training only (sample's default tau, 100 Euler steps)."""
+    the run's seed alone, so that successive grids differ by the training only (sample's default tau, 100
+    Euler steps)."""
     labels = default_labels(cfg["num_classes"], grid=True)
     y = torch.tensor(labels).repeat_interleave(per_label).to(device)
     seeds, z0 = image_noise(cfg["seed"], range(len(y)), cfg["latent_channels"], cfg["latent_size"], device)
@@ -739,8 +768,8 @@ def sample_grid(run, step, ema, tok, cfg, device, per_label=4):
 
 
 def image_noise(seed, indices, d, size, device):
-    """(the seeds, z_0 [B,d,size,size]) of images `indices`: image j's noise, and DFM's draws, come from (seed, j)
-    alone, so they do not depend on the batch size or the number of processes."""
+    """(the seeds, z_0 [B,d,size,size]) of images `indices`: image j's noise, and DFM's draws, come from
+    (seed, j) alone, so they do not depend on the batch size or the number of processes."""
     seeds = [seed * 10_000_019 + j for j in indices]
     z0 = torch.stack([torch.randn(d, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds])
     return seeds, z0.to(device)
@@ -750,8 +779,8 @@ def print_resume_command(cfg, step, last_saved, rank, world):
     """The command that resumes the run: the checkpoint holds every setting, so it needs no other flag."""
     if rank == 0:
         launch = "python purr.py" if world == 1 else f"torchrun --nproc_per_node={world} purr.py"
-        print(f"purr train: stopped by signal at step {step}/{cfg['steps']}, saved {last_saved}; resume with: "
-              f"{launch} train --resume {last_saved}", flush=True)
+        print(f"purr train: stopped by signal at step {step}/{cfg['steps']}, saved {last_saved}; resume "
+              f"with: {launch} train --resume {last_saved}", flush=True)
 
 
 # ==============================================================================================
@@ -765,24 +794,25 @@ def sample(args):
     model, tok, cfg, step = load_sampler(ckpt_path, args.vq_ckpt, device)
     labels, y = sample_labels(args, cfg)
     args.tau = objective_tau(args, cfg)
-    n, size, d, grid = len(y), cfg["latent_size"], cfg["latent_channels"], args.out.endswith(".png")
-    mine = range(rank * n // world, (rank + 1) * n // world)
+    n, size, d = len(y), cfg["latent_size"], cfg["latent_channels"]
+    shard = range(rank * n // world, (rank + 1) * n // world)  # this process's images
     net = compile_in_place(model) if args.compile else model
     tau = tau_schedule(args.tau_schedule, args.tau, args.tau_end)
     if rank == 0:
         print(f"purr sample: {n} images from {ckpt_path} on {world} process(es), {device}, {args.precision}",
               file=sys.stderr, flush=True)
-    images, entropies, progress = [], [], Progress("sample", n, len(mine), "images")
-    for i in range(mine.start, mine.stop, args.batch_size):
-        idx = range(i, min(i + args.batch_size, mine.stop))
+    images, entropies, progress = [], [], Progress("sample", n, len(shard), "images")
+    for i in range(shard.start, shard.stop, args.batch_size):
+        idx = range(i, min(i + args.batch_size, shard.stop))
         seeds, z0 = image_noise(args.seed, idx, d, size, device)
         record = entropy_recorder(model, tau, args.entropy_t, entropies) if args.entropy_map else None
-        c = sample_codes(net, tok, cfg["objective"], y[idx.start:idx.stop].to(device), z0, tau, args.cfg_scale,
-                         args.num_steps, args.method, record, args.precision, seeds)
+        c = sample_codes(net, tok, cfg["objective"], y[idx.start:idx.stop].to(device), z0, tau,
+                         args.cfg_scale, args.num_steps, args.method, record, args.precision, seeds)
         images.append(vqlib.to_uint8(tok.decode(c)).cpu())
         if rank == 0:
             progress.update(len(idx))
-    images = torch.cat(images) if images else torch.zeros(0, 3, size * tok.downsample, size * tok.downsample, dtype=torch.uint8)
+    pixels = size * tok.downsample
+    images = torch.cat(images) if images else torch.zeros(0, 3, pixels, pixels, dtype=torch.uint8)
     np.save(f"{args.out}.rank{rank}.npy", images.permute(0, 2, 3, 1).numpy())
     if args.entropy_map:  # each rank's share, merged by rank 0 as the images are
         h = torch.cat(entropies or [torch.zeros(0, size, size)])
@@ -790,20 +820,25 @@ def sample(args):
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
+        schedule = f" -> {args.tau_end} ({args.tau_schedule})" if args.tau_schedule != "constant" else ""
         recipe = (f"{n} samples from {ckpt_path} (EMA, step {step}, {cfg['objective']}), tau={args.tau}"
-                  f"{f' -> {args.tau_end} ({args.tau_schedule})' if args.tau_schedule != 'constant' else ''} "
-                  f"cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
-        write_samples(args, world, labels, y, grid, recipe)
+                  f"{schedule} cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
+        write_samples(args, world, labels, y, recipe)
         if args.entropy_map:
-            shards = [f"{args.out}.rank{r}.entropy.npy" for r in range(world)]
-            h = torch.from_numpy(np.concatenate([np.load(s) for s in shards])) / math.log(cfg["codebook_size"])
-            emap = os.path.splitext(args.out)[0] + "_entropy.png"
-            save_grid(heat_map(h, images.shape[-1]), len(labels), emap)
-            for s in shards:
-                os.remove(s)
-            print(f"entropy of pi at t={args.entropy_t} (0 black .. log K white) -> {emap}")
+            write_entropy_map(args, world, labels, cfg["codebook_size"], pixels)
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def write_entropy_map(args, world, labels, K, pixels):
+    """Rank 0 merges the ranks' entropies into a grid beside the samples, 0 black .. log K white."""
+    shards = [f"{args.out}.rank{r}.entropy.npy" for r in range(world)]
+    h = torch.from_numpy(np.concatenate([np.load(s) for s in shards])) / math.log(K)
+    path = os.path.splitext(args.out)[0] + "_entropy.png"
+    save_grid(heat_map(h, pixels), len(labels), path)
+    for s in shards:
+        os.remove(s)
+    print(f"entropy of pi at t={args.entropy_t} (0 black .. log K white) -> {path}")
 
 
 def compile_in_place(model):
@@ -818,7 +853,8 @@ def check_sample_args(args):
     if (args.tau is not None and args.tau <= 0) or (args.tau_end is not None and args.tau_end <= 0):
         raise PurrError(f"--tau {args.tau}: the softmax temperature must be > 0 (the paper uses 0.8-0.9)")
     if (args.tau_schedule == "linear") != (args.tau_end is not None):
-        raise PurrError("--tau-schedule linear goes from --tau at t = 0 to --tau-end at t = 1: give both, or neither")
+        raise PurrError("--tau-schedule linear goes from --tau at t = 0 to --tau-end at t = 1: give both, "
+                        "or neither")
     if args.num_steps < 1:
         raise PurrError(f"--num-steps {args.num_steps}: need at least 1 integration step (default 100)")
     last = (args.num_steps - 1) / args.num_steps  # the sampler's last evaluation of pi, t = (T - 1)/T
@@ -828,10 +864,12 @@ def check_sample_args(args):
     if not args.out.endswith((".png", ".npz")):
         raise PurrError(f"--out {args.out}: write a grid (.png) or an ADM sample batch (.npz)")
     if args.fid_ref and not os.path.isfile(args.fid_ref):
-        raise PurrError(f"--fid-ref {args.fid_ref} not found; make it with 'python fid.py --save-stats VAL_DIR ref.npz'")
+        raise PurrError(f"--fid-ref {args.fid_ref} not found; make it with "
+                        "'python fid.py --save-stats VAL_DIR ref.npz'")
     ckpt_path = args.ckpt or (checkpoint_paths(args.results_dir) or [None])[-1]
     if ckpt_path is None:
-        raise PurrError(f"no checkpoint under {args.results_dir}/; train first ('python purr.py train') or pass --ckpt PATH")
+        raise PurrError(f"no checkpoint under {args.results_dir}/; train first ('python purr.py train') or "
+                        "pass --ckpt PATH")
     return ckpt_path
 
 
@@ -870,11 +908,14 @@ def default_labels(classes, grid):
     DiT's sample classes, dog, otter, ...), evenly spread otherwise."""
     if classes <= 16 or not grid:
         return list(range(classes))
-    return [207, 360, 387, 974, 88, 979, 417, 279] if classes == 1000 else [i * (classes - 1) // 7 for i in range(8)]
+    if classes == 1000:
+        return [207, 360, 387, 974, 88, 979, 417, 279]
+    return [i * (classes - 1) // 7 for i in range(8)]
 
 
 def entropy_recorder(model, tau, at, out):
-    """An on_logits hook: appends to `out` the entropy of pi at the first evaluation with t >= at, in image order."""
+    """An on_logits hook: appends to `out` the entropy of pi at the first evaluation with t >= at, in image
+    order."""
     seen = []
 
     def record(t, logits):
@@ -884,11 +925,12 @@ def entropy_recorder(model, tau, at, out):
     return record
 
 
-def write_samples(args, world, labels, y, grid, recipe):
+def write_samples(args, world, labels, y, recipe):
     """Rank 0 merges the ranks' shards into the grid or the ADM batch, then scores it against --fid-ref."""
     shards = [f"{args.out}.rank{r}.npy" for r in range(world)]
-    if grid:
-        save_grid(torch.from_numpy(np.concatenate([np.load(s) for s in shards])).permute(0, 3, 1, 2), len(labels), args.out)
+    if args.out.endswith(".png"):
+        images = torch.from_numpy(np.concatenate([np.load(s) for s in shards])).permute(0, 3, 1, 2)
+        save_grid(images, len(labels), args.out)
     else:
         write_adm_npz(args.out, shards, y.numpy())
     for s in shards:
@@ -903,7 +945,7 @@ def write_samples(args, world, labels, y, grid, recipe):
 def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
     """EMA model, tokenizer, settings and step of a checkpoint."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg, spec = ckpt["args"], ckpt["vq"]
+    cfg, spec = saved_settings(ckpt), ckpt["vq"]
     tok = vqlib.load_tokenizer("tiny", ckpt_path) if spec["name"] == "tiny" else \
         vqlib.load_tokenizer(spec["name"], vq_ckpt or spec["ckpt"])
     check_dfm_checkpoint(ckpt, ckpt_path)
@@ -987,33 +1029,33 @@ def bench(args):
     sampling throughput with guidance (a 50k FID run's size). Both report peak memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cfg = {"model": args.model, "objective": args.objective, "latent_size": args.latent_size,
+    cfg = {**SETTINGS, "model": args.model, "objective": args.objective, "latent_size": args.latent_size,
            "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
     model = build_model(cfg).to(device)
     model.grad_checkpoint = args.grad_checkpoint
     codebook = torch.randn(args.codebook_size, args.latent_channels, device=device)
-    B, s = args.batch_size, args.latent_size
+    B, s, d, K = args.batch_size, args.latent_size, args.latent_channels, args.codebook_size
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    options = (" compiled" if args.compile else "") + (" grad-checkpoint" if args.grad_checkpoint else "")
     head = (f"bench {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M) {args.objective} "
-            f"K={args.codebook_size} latent {s}x{s}x{args.latent_channels} batch {B} {args.precision}"
-            f"{' compiled' if args.compile else ''}{' grad-checkpoint' if args.grad_checkpoint else ''} on {where}")
+            f"K={K} latent {s}x{s}x{d} batch {B} {args.precision}{options} on {where}")
     if args.sample:
-        y, z0 = torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device)
+        y, z0 = torch.randint(0, 1000, (B,), device=device), torch.randn(B, d, s, s, device=device)
         tok = types.SimpleNamespace(codebook=codebook, quantize=lambda z: vqlib.nearest_code(z, codebook))
         net = (compile_in_place(model) if args.compile else model).eval()
-        ms = timed(device, args.warmup, args.steps, lambda n: sample_codes(net, tok, args.objective, y, z0, 1.0,
-                                                                            args.cfg_scale, n, "euler", None,
-                                                                            args.precision))
-        print(f"{head}, sampling with cfg {args.cfg_scale}: {ms:.1f} ms per network evaluation ({1000 / ms:.2f} NFE/s), "
-              f"{1000 * B / ms / 100:.3f} images/s at 100 Euler steps, {peak_memory(device)}")
+        ms = timed(device, args.warmup, args.steps, lambda n: sample_codes(
+            net, tok, args.objective, y, z0, 1.0, args.cfg_scale, n, "euler", None, args.precision))
+        print(f"{head}, sampling with cfg {args.cfg_scale}: {ms:.1f} ms per network evaluation "
+              f"({1000 / ms:.2f} NFE/s), {1000 * B / ms / 100:.3f} images/s at 100 Euler steps, "
+              f"{peak_memory(device)}")
         return
     fast = torch.compile(model) if args.compile else model
-    opt, ema = adamw(model, 1e-4), copy.deepcopy(model).requires_grad_(False)
+    opt, ema = adamw(model, cfg), copy.deepcopy(model).requires_grad_(False)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
     def step(net):  # a training step on a fresh random batch, with the EMA update
-        batch = Batch(torch.randint(0, args.codebook_size, (B, s, s), device=device),
-                      torch.randint(0, 1000, (B,), device=device), torch.randn(B, args.latent_channels, s, s, device=device),
+        batch = Batch(torch.randint(0, K, (B, s, s), device=device),
+                      torch.randint(0, 1000, (B,), device=device), torch.randn(B, d, s, s, device=device),
                       torch.rand(B, device=device), torch.rand(B, s, s, device=device))
         train_step(net, opt, [batch], args.objective, codebook, 1e-5, autocast)
         update_ema(ema, model, 0.9999)
@@ -1023,13 +1065,13 @@ def bench(args):
     ms = timed(device, args.warmup, args.steps, lambda n: [step(fast) for _ in range(n)], per_call=True)
     tflops = counter.get_total_flops() / ms / 1e9
     peak = next((p[args.precision == "fp32"] for name, p in PEAK_TFLOPS.items() if name in where), None)
-    print(f"{head}: {ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {counter.get_total_flops() / 1e12:.3g} TFLOP/step, "
-          f"{tflops:.3g} TFLOP/s{f', MFU {100 * tflops / peak:.1f}%' if peak else ''}, "
-          f"{100 * (1 - matmul_ms(device, lambda: step(fast)) / ms):.0f}% of the step outside matrix multiplies, "
-          f"{peak_memory(device)}")
+    outside = 100 * (1 - matmul_ms(device, lambda: step(fast)) / ms)
+    print(f"{head}: {ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {counter.get_total_flops() / 1e12:.3g} "
+          f"TFLOP/step, {tflops:.3g} TFLOP/s{f', MFU {100 * tflops / peak:.1f}%' if peak else ''}, "
+          f"{outside:.0f}% of the step outside matrix multiplies, {peak_memory(device)}")
 
 
-MATMUL = re.compile(r"aten::.*(mm|conv|attention)")  # mm, addmm, bmm, convolutions, fused attention (and backward)
+MATMUL = re.compile(r"aten::.*(mm|conv|attention)")  # mm, addmm, bmm, convolutions, attention, and backward
 
 
 def matmul_ms(device, run, n=3):
@@ -1048,57 +1090,64 @@ def matmul_ms(device, run, n=3):
 # ----------------------------------------------------------------------------------------------
 # The command line.
 
-def default_help(k, text=""):
-    demo, data = TRAIN_DEFAULTS[k]
-    return f"{text}{' ' if text else ''}(default: {demo if demo == data else f'{data}; demo {demo}'})"
+def add_setting(p, k, text, **kw):
+    """The flag of setting k; its help shows the default and, where it differs, the demo's."""
+    default, demo = SETTINGS[k], DEMO.get(k, SETTINGS[k])
+    kind = {bool: {"action": argparse.BooleanOptionalAction}, int: {"type": int}, float: {"type": float}}
+    shown = f"default: {default}" + (f"; demo: {demo}" if demo != default else "")
+    p.add_argument(flag(k), help=f"{text} ({shown})".lstrip(), **kind.get(type(default), {}), **kw)
 
 
 def parser():
     p = argparse.ArgumentParser(prog="purr.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a DiT with the Purrception objective")
-    t.add_argument("--model", help=default_help("model", "DiT config: " + ", ".join(DiT_models)))
-    t.add_argument("--data", help="image folder, one sub-folder per class, or a token folder from 'extract' "
-                                  "(default: the built-in demo)")
-    t.add_argument("--vq", help=default_help("vq", "tokenizer: sd-vq-f8 | llamagen-vq-ds8 | tiny"))
-    t.add_argument("--vq-ckpt", help="the tokenizer's official checkpoint file")
-    t.add_argument("--image-size", type=int, help=default_help("image_size"))
-    t.add_argument("--steps", type=int, help=default_help("steps"))
-    t.add_argument("--global-batch-size", type=int, help=default_help("global_batch_size"))
-    t.add_argument("--grad-accum", type=int, help=default_help("grad_accum", "micro-batches per process and step"))
-    t.add_argument("--micro-batch-size", type=int, help=default_help(
-        "micro_batch_size", "images per micro-batch (another way to give --grad-accum; 0: one micro-batch)"))
-    t.add_argument("--grad-checkpoint", action="store_true", default=None,
-                   help="recompute the DiT blocks' activations in the backward pass (less memory, ~1/3 more compute)")
-    t.add_argument("--lr", type=float, help=default_help("lr", "peak learning rate"))
-    t.add_argument("--warmup", type=int, help=default_help("warmup", "steps of linear lr warm-up"))
-    t.add_argument("--decay", type=float, help=default_help("decay", "last fraction of the steps, lr decaying linearly to 0"))
-    t.add_argument("--ema-decay", type=float, help=default_help("ema_decay"))
-    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help=default_help(
-        "ema_warmup", "decay min(--ema-decay, (1 + n)/(10 + n)) at update n, as torch_ema does"))
-    t.add_argument("--max-grad-norm", type=float, help=default_help(
-        "max_grad_norm", "clip the global gradient norm to this (0: no clipping)"))
-    t.add_argument("--t-min", type=float, help=default_help("t_min", "training times t ~ U(t_min, 1)"))
-    t.add_argument("--adam-eps", type=float, help=default_help("adam_eps", "AdamW's eps"))
-    t.add_argument("--time-scale", type=float, help=default_help(
-        "time_scale", "the DiT embeds time_scale * t (DiT: 1000; the authors' code: 1)"))
-    t.add_argument("--objective", choices=OBJECTIVES,
-                   help=default_help("objective", "purr (Eq. 14) or a baseline of Sec. 4.1: cfm, cfm-endpoint, dfm"))
-    t.add_argument("--z-loss", type=float, help=default_help("z_loss", "weight of (log Z)^2 (App. D)"))
-    t.add_argument("--class-dropout", type=float, help=default_help("class_dropout", "label drop rate, for guidance"))
+    # A setting's flag has no default of its own: the run's are SETTINGS, DEMO's or its checkpoint's.
+    t = sub.add_parser("train", help="train a DiT with the Purrception objective",
+                       argument_default=argparse.SUPPRESS,
+                       epilog="Defaults: App. C's recipe with --data; the demo's where they differ (purr.py: "
+                              "SETTINGS, DEMO).")
+    add_setting(t, "model", "DiT config: " + ", ".join(DiT_models))
+    add_setting(t, "objective", "purr (Eq. 14) or a baseline of Sec. 4.1", choices=OBJECTIVES)
+    add_setting(t, "z_loss", "weight of (log Z)^2 (App. D)")
+    add_setting(t, "class_dropout", "label drop rate, for guidance")
+    add_setting(t, "steps", "")
+    add_setting(t, "global_batch_size", "")
+    add_setting(t, "lr", "peak learning rate")
+    add_setting(t, "warmup", "steps of linear lr warm-up")
+    add_setting(t, "decay", "last fraction of the steps, lr decaying linearly to 0")
+    add_setting(t, "weight_decay", "AdamW's weight decay")
+    add_setting(t, "beta1", "AdamW's beta_1")
+    add_setting(t, "beta2", "AdamW's beta_2")
+    add_setting(t, "adam_eps", "AdamW's eps")
+    add_setting(t, "ema_decay", "")
+    add_setting(t, "time_scale", "the DiT embeds time_scale * t (DiT: 1000; the authors' code: 1)")
+    add_setting(t, "ema_warmup", "decay min(--ema-decay, (1 + n)/(10 + n)) at update n, as torch_ema does")
+    add_setting(t, "max_grad_norm", "clip the global gradient norm to this (0: no clipping)")
+    add_setting(t, "t_min", "training times t ~ U(t_min, 1)")
+    add_setting(t, "data", "image folder, one sub-folder per class, or a token folder from 'extract' "
+                           "(None: the built-in demo)")
+    add_setting(t, "vq", "tokenizer: sd-vq-f8 | llamagen-vq-ds8 | tiny")
+    add_setting(t, "vq_ckpt", "the tokenizer's official checkpoint file")
+    add_setting(t, "image_size", "")
+    add_setting(t, "demo_size", "images in the built-in demo set")
+    add_setting(t, "grad_accum", "micro-batches per process and step")
+    add_setting(t, "micro_batch_size", "images per micro-batch (another way to give --grad-accum; 0: one "
+                                       "micro-batch)")
+    add_setting(t, "grad_checkpoint", "recompute the DiT blocks' activations in the backward pass (less "
+                                      "memory, ~1/3 more compute)")
+    add_setting(t, "compile", "torch.compile the model")
+    add_setting(t, "precision", "bf16 autocast for the DiT; auto: bf16 where the hardware has it fast",
+                choices=["auto", "bf16", "fp32"])
+    add_setting(t, "num_workers", "")
+    add_setting(t, "log_every", "")
+    add_setting(t, "ckpt_every", "")
+    add_setting(t, "keep", "keep the newest N checkpoints of the run (0: all)")
+    add_setting(t, "sample_every", "every N steps, a grid from the EMA weights in RUN/samples/ (same noise, "
+                                   "same labels; 0: none)")
+    add_setting(t, "seed", "")
     t.add_argument("--results-dir", default="results")
-    t.add_argument("--log-every", type=int, help=default_help("log_every"))
-    t.add_argument("--ckpt-every", type=int, help=default_help("ckpt_every"))
-    t.add_argument("--sample-every", type=int, default=0, metavar="N",
-                   help="every N steps, a grid from the EMA weights in RUN/samples/ (same noise, same labels)")
-    t.add_argument("--keep", type=int, help=default_help("keep", "keep the newest N checkpoints of the run (0: all)"))
-    t.add_argument("--resume", nargs="?", const="latest", help="checkpoint to resume (default: newest)")
-    t.add_argument("--precision", choices=["bf16", "fp32"],
-                   help=default_help("precision", "bf16 autocast for the DiT; bf16 where the hardware has it fast"))
-    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    t.add_argument("--num-workers", type=int, help=default_help("num_workers"))
-    t.add_argument("--demo-size", type=int, help=default_help("demo_size", "images in the built-in demo set"))
-    t.add_argument("--seed", type=int, help=default_help("seed"))
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="checkpoint to resume (default: newest); it holds every setting")
     t.set_defaults(func=train)
     s = sub.add_parser("sample", help="sample images from a checkpoint's EMA weights")
     s.add_argument("--ckpt", help="checkpoint (default: the newest under --results-dir)")
@@ -1144,7 +1193,8 @@ def parser():
     b.add_argument("--codebook-size", type=int, default=16384)
     b.add_argument("--precision", choices=["bf16", "fp32"], default=default_precision())
     b.add_argument("--compile", action="store_true")
-    b.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of the DiT blocks")
+    b.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing of the DiT blocks")
     b.add_argument("--sample", action="store_true", help="time sampling (Euler, guided) instead of training")
     b.add_argument("--cfg-scale", type=float, default=1.5, help="with --sample: guidance doubles the batch")
     b.set_defaults(func=bench)

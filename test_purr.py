@@ -842,7 +842,7 @@ def test_bench_prints_step_time_throughput_flops_and_memory(capsys):
 def test_fused_adamw_equals_the_per_parameter_loop_and_keeps_app_c_settings():
     """The fused optimizer makes the updates of PyTorch's reference loop (foreach=False), to fp32 rounding."""
     fast, ref = tiny_dit(seed=0).train(), tiny_dit(seed=0).train()
-    opt = purr.adamw(fast, 1e-3)
+    opt = purr.adamw(fast, {**purr.SETTINGS, "lr": 1e-3})
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6,
                                 foreach=False)
     assert opt.defaults["fused"] and {k: opt.defaults[k] for k in ("weight_decay", "betas", "eps")} == \
@@ -1353,7 +1353,7 @@ def test_official_checkpoint_converts_to_purr_layout(authors):
     assert (a["adam_eps"], a["max_grad_norm"], a["ema_warmup"], a["t_min"], a["class_dropout"]) == \
         (1e-8, 1.0, True, 1e-3, 0.0)
     assert ckpt["opt"]["state"] == {} and ckpt["opt"]["param_groups"][0]["eps"] == 1e-8
-    assert set(a) >= set(purr.TRAIN_DEFAULTS)
+    assert set(a) >= set(purr.SETTINGS)
 
 
 def test_official_dit_loss_and_sampler_goldens(authors):
@@ -1482,29 +1482,48 @@ def test_official_training_settings_train_log_and_resume(tmp_path, monkeypatch):
     line = json.loads(Path(run, "log.jsonl").read_text().splitlines()[-1])
     assert line["grad_norm"] > 0.05
     a = ckpt["args"]
-    assert [a[k] for k in LEGACY] == [1, 0.05, True, 0.5, 1e-7]
+    assert [a[k] for k in THEIR_SETTINGS] == [1, 0.05, True, 0.5, 1e-7]
     fast_demo_train(tmp_path, "--resume", "--steps", "2")
     b = final_state(tmp_path)["args"]
-    assert {k: b[k] for k in LEGACY} == {k: a[k] for k in LEGACY}
+    assert {k: b[k] for k in THEIR_SETTINGS} == {k: a[k] for k in THEIR_SETTINGS}
     with pytest.raises(appendix.PurrError, match="max-grad-norm"):
         fast_demo_train(tmp_path, "--resume", "--steps", "3", "--max-grad-norm", "2")
 
 
-LEGACY = ("time_scale", "max_grad_norm", "ema_warmup", "t_min", "adam_eps")
+THEIR_SETTINGS = ("time_scale", "max_grad_norm", "ema_warmup", "t_min", "adam_eps")
 
 
 def test_settings_absent_from_an_old_checkpoint_keep_its_behaviour():
-    args = purr.parser().parse_args(["train", "--resume", "x.pt"])
-    old = {"args": {k: v[1] for k, v in purr.TRAIN_DEFAULTS.items() if k not in LEGACY} | {"data": "d"}}
-    cfg, _ = purr.resolve_config(args, old)
-    assert {k: cfg[k] for k in LEGACY} == {"time_scale": 1000.0, "max_grad_norm": 0.0, "ema_warmup": False,
-                                           "t_min": 0.0, "adam_eps": 1e-6}
+    """A checkpoint saved before time_scale, max_grad_norm, ema_warmup and t_min existed resumes and samples
+    as it was trained (1000 t, no clipping, no warm-up, t ~ U(0, 1)); new runs take today's defaults."""
+    old = {"args": {k: v for k, v in purr.SETTINGS.items() if k not in purr.LEGACY} | {"data": "d"}}
+    cfg, _ = purr.resolve_config(purr.parser().parse_args(["train", "--resume", "x.pt"]), old)
+    assert {k: cfg[k] for k in THEIR_SETTINGS} == {"time_scale": 1000.0, "max_grad_norm": 0.0, "ema_warmup": False,
+                                                   "t_min": 0.0, "adam_eps": 1e-6}
     a = {"model": "N/2", "latent_size": 4, "latent_channels": 4, "codebook_size": 8, "num_classes": 2,
          "objective": "purr"}
-    assert purr.build_model(a).t_embedder.time_scale == 1000.0  # a checkpoint saved before time_scale
-    new = {k: [purr.resolve_config(purr.parser().parse_args(["train", *f]), None)[0][s] for s in LEGACY]
+    assert purr.build_model(purr.saved_settings({"args": a})).t_embedder.time_scale == 1000.0
+    new = {k: [purr.resolve_config(purr.parser().parse_args(["train", *f]), None)[0][s] for s in THEIR_SETTINGS]
            for k, f in (("demo", []), ("data", ["--data", "d"]))}
     assert new == {"demo": [1000.0, 0.0, False, 0.0, 1e-6], "data": [1.0, 1.0, True, 1e-3, 1e-6]}  # README
+
+
+def test_every_setting_is_a_flag_whose_help_shows_both_defaults_and_reaches_the_run():
+    """Each entry of SETTINGS is a train flag; --help prints its default and the demo's where they differ;
+    a flag given overrides both, AdamW's included, and the checkpoint keeps the resolved value."""
+    train = next(a for a in purr.parser()._actions if a.dest == "cmd").choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    assert set(purr.SETTINGS) <= set(flags) and set(purr.DEMO) <= set(purr.SETTINGS)
+    assert "(default: 0.0001; demo: 0.003)" in " ".join(flags["lr"].help.split())
+    assert flags["weight_decay"].help.endswith("(default: 0.01)")
+    given = ["--weight-decay", "0.05", "--beta1", "0.8", "--beta2", "0.95", "--adam-eps", "1e-8", "--lr", "2e-4"]
+    for kind in ([], ["--data", "d"]):
+        cfg, _ = purr.resolve_config(purr.parser().parse_args(["train", *kind, *given]), None)
+        cfg.update(model="T/1", latent_size=4, latent_channels=4, codebook_size=16, num_classes=3)
+        group = purr.build_training(cfg, None, None, torch.device("cpu"))[2].param_groups[0]
+        assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (2e-4, 0.05, (0.8, 0.95), 1e-8)
+        assert cfg["model"] == "T/1" and cfg["steps"] == (400_000 if kind else 3000)
+
 
 
 # --- vq.py: the official tokenizers against the original code's outputs (random weights, ch = 32) ----------

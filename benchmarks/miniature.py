@@ -227,7 +227,7 @@ def main(argv=None):
         setattr(a, k, preset[k])
     a.seeds = a.seeds or preset.get("seeds", [0, 1, 2])
     a.out = a.out or (RESULTS if preset is PRESETS["full"] else os.path.join("results", "miniature-quick"))
-    a.steps = a.steps or purr.TRAIN_DEFAULTS["steps"][0] // preset.get("steps_div", 1)
+    a.steps = a.steps or purr.DEMO["steps"] // preset.get("steps_div", 1)
     a.eval_every = a.eval_every or max(1, a.steps // 5)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()

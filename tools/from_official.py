@@ -98,7 +98,7 @@ def convert(official_path, hparams_path, vq, vq_ckpt):
         raise PurrError(f"{official_path}: its ema_state_dict holds no shadow_params matching the DiT's "
                         f"{len(params)} parameters")
     ema = {k: s.float() for (k, _), s in zip(params, shadow)}
-    opt = purr.adamw(model, cfg["lr"], cfg["adam_eps"]).state_dict()
+    opt = purr.adamw(model, cfg).state_dict()
     return {"model": model.state_dict(), "ema": ema, "opt": opt, "args": cfg, "step": int(obj["step"]),
             "vq": {"name": vq, "ckpt": os.path.abspath(vq_ckpt)}}
 

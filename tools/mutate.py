@@ -50,6 +50,8 @@ LLAMAGEN = ("test_matches_original_outputs and llamagen or test_fp32_accuracy an
 FID = "test_fid_features_match or test_fid_weights_in_fp16 or test_fid_bad_weights"
 CROP = "test_center_crop or test_fid_cli_bad_inputs"
 SETTINGS = "test_data_settings_are_app_c or test_learning_rate or test_resume_with_a_new_lr or test_bench"
+RESUME_SETTINGS = ("test_settings_absent_from_an_old_checkpoint or test_official_training_settings "
+                   "or test_resume_with_other or test_data_settings_are_app_c or test_sigterm_saves")
 SAMPLE = "test_sample_uses_the_ema or test_sampled_images_do_not_depend or test_sampling_across_ranks"
 IMAGES = "test_16_bit or test_center_crop or test_unreadable_images_are_named or test_extract_tokens_equal"
 
@@ -111,8 +113,8 @@ MUTATIONS = [
              "y = torch.where(drop, cfg[\"num_classes\"], y)",
              "y = torch.where(drop, cfg[\"num_classes\"] - 1, y)", TRAIN_RUN),
     Mutation("label_dropout_inverted", "purr.py", "draw_noise",
-             "drop = torch.rand(G, generator=g)[sl] < class_dropout",
-             "drop = torch.rand(G, generator=g)[sl] > class_dropout", TRAIN_RUN),
+             "drop = torch.rand(batch, generator=g)[rows] < class_dropout",
+             "drop = torch.rand(batch, generator=g)[rows] > class_dropout", TRAIN_RUN),
     Mutation("label_dropout_where_swapped", "purr.py", "micro_batches",
              "y = torch.where(drop, cfg[\"num_classes\"], y)",
              "y = torch.where(drop, y, cfg[\"num_classes\"])", TRAIN_RUN),
@@ -141,8 +143,7 @@ MUTATIONS = [
              "mine = slice(self.rank * b, (self.rank + 1) * b)", "mine = slice(self.rank, None, self.world)",
              DDP),
     Mutation("rank_noise_not_sliced", "purr.py", "train",
-             "y.to(device), step, slice(rank * b, (rank + 1) * b), n_micro)",
-             "y.to(device), step, slice(0, b), n_micro)", DDP),
+             "rows = slice(rank * per_rank, (rank + 1) * per_rank)", "rows = slice(0, per_rank)", DDP),
     Mutation("noise_same_every_step", "purr.py", "draw_noise",
              "torch.Generator().manual_seed(seed * 1_000_003 + step)",
              "torch.Generator().manual_seed(seed * 1_000_003)", DDP),
@@ -152,8 +153,8 @@ MUTATIONS = [
     Mutation("resume_ema_from_model", "purr.py", "build_training", 'ema.load_state_dict(ckpt["ema"])',
              'ema.load_state_dict(ckpt["model"])', RESUME),
     Mutation("resume_data_from_start", "purr.py", "train",
-             "batch_sampler=RankBatches(len(data), step, steps,",
-             "batch_sampler=RankBatches(len(data), 0, steps - step,", RESUME),
+             "plan = RankBatches(len(data), step, steps,",
+             "plan = RankBatches(len(data), 0, steps - step,", RESUME),
     # Atomic saves: write beside, os.replace; a failed save removes its temporary file.
     Mutation("save_in_place", "appendix.py", "save_checkpoint",
              'torch.save(obj, path + ".tmp")\n        os.replace(path + ".tmp", path)',
@@ -233,16 +234,22 @@ MUTATIONS = [
     Mutation("folders_listed_as_images", "appendix.py", "ImageFolder.__init__", "and os.path.isfile(f)]", "]",
              IMAGES),
     # AdamW as built, and the --data defaults against App. C.
-    Mutation("adamw_no_weight_decay", "purr.py", "adamw", "weight_decay=0.01", "weight_decay=0.0", SETTINGS),
-    Mutation("adamw_betas", "purr.py", "adamw", "betas=(0.9, 0.999)", "betas=(0.9, 0.99)", SETTINGS),
-    Mutation("adamw_eps_default", "purr.py", "TRAIN_DEFAULTS", '"adam_eps": (1e-6, 1e-6)',
-             '"adam_eps": (1e-6, 1e-8)', SETTINGS),
-    Mutation("data_lr_default", "purr.py", "TRAIN_DEFAULTS", '"lr": (3e-3, 1e-4)', '"lr": (3e-3, 3e-4)',
-             SETTINGS),
-    Mutation("data_ema_default", "purr.py", "TRAIN_DEFAULTS", '"ema_decay": (0.99, 0.9999)',
-             '"ema_decay": (0.99, 0.999)', SETTINGS),
-    Mutation("data_zloss_default", "purr.py", "TRAIN_DEFAULTS", '"z_loss": (1e-5, 1e-5)',
-             '"z_loss": (1e-5, 1e-4)', SETTINGS),
+    Mutation("adamw_no_weight_decay", "purr.py", "SETTINGS", "weight_decay=0.01", "weight_decay=0.0", SETTINGS),
+    Mutation("adamw_betas", "purr.py", "SETTINGS", "beta2=0.999", "beta2=0.99", SETTINGS),
+    Mutation("adamw_ignores_the_betas", "purr.py", "adamw", 'betas=(cfg["beta1"], cfg["beta2"])',
+             "betas=(0.9, 0.99)", SETTINGS),
+    Mutation("adamw_eps_default", "purr.py", "SETTINGS", "adam_eps=1e-6", "adam_eps=1e-8", SETTINGS),
+    Mutation("data_lr_default", "purr.py", "SETTINGS", "lr=1e-4", "lr=3e-4", SETTINGS),
+    Mutation("data_ema_default", "purr.py", "SETTINGS", "ema_decay=0.9999", "ema_decay=0.999", SETTINGS),
+    Mutation("data_zloss_default", "purr.py", "SETTINGS", "z_loss=1e-5", "z_loss=1e-4", SETTINGS),
+    # The settings of a run: flags given over the checkpoint's over the defaults; old checkpoints.
+    Mutation("resume_ignores_the_checkpoints_settings", "purr.py", "resolve_config",
+             'cfg.update({k: v for k, v in saved_settings(ckpt).items() if k in SETTINGS})', "pass",
+             RESUME_SETTINGS),
+    Mutation("legacy_settings_ignored", "purr.py", "saved_settings", "return {**LEGACY, **ckpt[\"args\"]}",
+             "return dict(ckpt[\"args\"])", RESUME_SETTINGS),
+    Mutation("demo_defaults_for_data_runs", "purr.py", "resolve_config", '.get("data") is None',
+             '.get("data") is None or True', RESUME_SETTINGS),
     # Sampling as `sample` runs it: guidance in place, the EMA weights, each image's noise from its index,
     # what --compile compiles, the entropy map on every rank and at an evaluated time.
     Mutation("cfg_in_place_swapped", "purr.py", "DiT.forward_with_cfg", "uncond.lerp_(cond, cfg_scale)",
@@ -255,7 +262,7 @@ MUTATIONS = [
     Mutation("compile_a_wrapper_sampling_never_calls", "purr.py", "compile_in_place",
              "model.compile() return model", "return torch.compile(model)",
              "test_sample_and_bench_compile or test_bench_prints"),
-    Mutation("entropy_map_of_rank_0_only", "purr.py", "sample",
+    Mutation("entropy_map_of_rank_0_only", "purr.py", "write_entropy_map",
              'shards = [f"{args.out}.rank{r}.entropy.npy" for r in range(world)]',
              'shards = [f"{args.out}.rank{r}.entropy.npy" for r in range(1)]',
              f"{SAMPLE} or test_entropy_map"),
