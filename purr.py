@@ -1090,12 +1090,46 @@ def matmul_ms(device, run, n=3):
 # ----------------------------------------------------------------------------------------------
 # The command line.
 
-def add_setting(p, k, text, **kw):
+# The help of train's flags, one per setting, grouped as SETTINGS is.
+SETTING_HELP = {
+    "the model and the objective": dict(
+        model="DiT config: " + ", ".join(DiT_models), objective="purr (Eq. 14) or a baseline of Sec. 4.1",
+        z_loss="weight of (log Z)^2 (App. D)", class_dropout="label drop rate, for guidance"),
+    "optimisation (App. C)": dict(
+        steps="", global_batch_size="", lr="peak learning rate", warmup="steps of linear lr warm-up",
+        decay="last fraction of the steps, lr decaying linearly to 0", weight_decay="AdamW's weight decay",
+        beta1="AdamW's beta_1", beta2="AdamW's beta_2", adam_eps="AdamW's eps", ema_decay=""),
+    "the authors' code": dict(
+        time_scale="the DiT embeds time_scale * t (DiT: 1000; the authors' code: 1)",
+        ema_warmup="decay min(--ema-decay, (1 + n)/(10 + n)) at update n, as torch_ema does",
+        max_grad_norm="clip the global gradient norm to this (0: no clipping)",
+        t_min="training t ~ U(t_min, 1)"),
+    "data and tokenizer": dict(
+        data="image folder, one sub-folder per class, or a token folder from 'extract' (None: the demo)",
+        vq="tokenizer: sd-vq-f8 | llamagen-vq-ds8 | tiny", vq_ckpt="the tokenizer's official checkpoint file",
+        image_size="", demo_size="images in the built-in demo set"),
+    "computing the same update": dict(
+        grad_accum="micro-batches per process and step",
+        micro_batch_size="images per micro-batch (another way to give --grad-accum; 0: one micro-batch)",
+        grad_checkpoint="recompute the DiT blocks' activations in the backward pass (less memory, ~1/3 more "
+                        "compute)",
+        compile="torch.compile the model", num_workers="",
+        precision="bf16 autocast for the DiT; auto: bf16 where the hardware has it fast"),
+    "logs, checkpoints, grids": dict(
+        log_every="", ckpt_every="", keep="keep the newest N checkpoints of the run (0: all)",
+        sample_every="every N steps, a grid from the EMA weights in RUN/samples/ (same noise and labels)",
+        seed=""),
+}
+CHOICES = {"objective": list(OBJECTIVES), "precision": ["auto", "bf16", "fp32"]}
+
+
+def add_setting(p, k, text):
     """The flag of setting k; its help shows the default and, where it differs, the demo's."""
     default, demo = SETTINGS[k], DEMO.get(k, SETTINGS[k])
     kind = {bool: {"action": argparse.BooleanOptionalAction}, int: {"type": int}, float: {"type": float}}
     shown = f"default: {default}" + (f"; demo: {demo}" if demo != default else "")
-    p.add_argument(flag(k), help=f"{text} ({shown})".lstrip(), **kind.get(type(default), {}), **kw)
+    p.add_argument(flag(k), help=f"{text} ({shown})".lstrip(), choices=CHOICES.get(k),
+                   **kind.get(type(default), {}))
 
 
 def parser():
@@ -1106,45 +1140,10 @@ def parser():
                        argument_default=argparse.SUPPRESS,
                        epilog="Defaults: App. C's recipe with --data; the demo's where they differ (purr.py: "
                               "SETTINGS, DEMO).")
-    add_setting(t, "model", "DiT config: " + ", ".join(DiT_models))
-    add_setting(t, "objective", "purr (Eq. 14) or a baseline of Sec. 4.1", choices=OBJECTIVES)
-    add_setting(t, "z_loss", "weight of (log Z)^2 (App. D)")
-    add_setting(t, "class_dropout", "label drop rate, for guidance")
-    add_setting(t, "steps", "")
-    add_setting(t, "global_batch_size", "")
-    add_setting(t, "lr", "peak learning rate")
-    add_setting(t, "warmup", "steps of linear lr warm-up")
-    add_setting(t, "decay", "last fraction of the steps, lr decaying linearly to 0")
-    add_setting(t, "weight_decay", "AdamW's weight decay")
-    add_setting(t, "beta1", "AdamW's beta_1")
-    add_setting(t, "beta2", "AdamW's beta_2")
-    add_setting(t, "adam_eps", "AdamW's eps")
-    add_setting(t, "ema_decay", "")
-    add_setting(t, "time_scale", "the DiT embeds time_scale * t (DiT: 1000; the authors' code: 1)")
-    add_setting(t, "ema_warmup", "decay min(--ema-decay, (1 + n)/(10 + n)) at update n, as torch_ema does")
-    add_setting(t, "max_grad_norm", "clip the global gradient norm to this (0: no clipping)")
-    add_setting(t, "t_min", "training times t ~ U(t_min, 1)")
-    add_setting(t, "data", "image folder, one sub-folder per class, or a token folder from 'extract' "
-                           "(None: the built-in demo)")
-    add_setting(t, "vq", "tokenizer: sd-vq-f8 | llamagen-vq-ds8 | tiny")
-    add_setting(t, "vq_ckpt", "the tokenizer's official checkpoint file")
-    add_setting(t, "image_size", "")
-    add_setting(t, "demo_size", "images in the built-in demo set")
-    add_setting(t, "grad_accum", "micro-batches per process and step")
-    add_setting(t, "micro_batch_size", "images per micro-batch (another way to give --grad-accum; 0: one "
-                                       "micro-batch)")
-    add_setting(t, "grad_checkpoint", "recompute the DiT blocks' activations in the backward pass (less "
-                                      "memory, ~1/3 more compute)")
-    add_setting(t, "compile", "torch.compile the model")
-    add_setting(t, "precision", "bf16 autocast for the DiT; auto: bf16 where the hardware has it fast",
-                choices=["auto", "bf16", "fp32"])
-    add_setting(t, "num_workers", "")
-    add_setting(t, "log_every", "")
-    add_setting(t, "ckpt_every", "")
-    add_setting(t, "keep", "keep the newest N checkpoints of the run (0: all)")
-    add_setting(t, "sample_every", "every N steps, a grid from the EMA weights in RUN/samples/ (same noise, "
-                                   "same labels; 0: none)")
-    add_setting(t, "seed", "")
+    for title, helps in SETTING_HELP.items():
+        group = t.add_argument_group(title)
+        for k, text in helps.items():
+            add_setting(group, k, text)
     t.add_argument("--results-dir", default="results")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="checkpoint to resume (default: newest); it holds every setting")
