@@ -120,9 +120,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, size):
         if not os.path.isdir(root):
-            raise PurrError(f"--data {root}: no such folder; give an image folder with one sub-folder per class")
+            raise PurrError(f"--data {root}: no such folder; "
+                            "give an image folder with one sub-folder per class")
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files = [(f, y) for y, d in enumerate(self.classes) for f in sorted(glob.glob(os.path.join(root, d, "*")))
+        self.files = [(f, y) for y, d in enumerate(self.classes)
+                      for f in sorted(glob.glob(os.path.join(root, d, "*")))
                       if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(f)]  # not a folder x.jpg
         if not self.files:
             raise PurrError(f"--data {root}: no images found; expected {root}/<class>/<image>.png|jpg "
@@ -218,9 +220,9 @@ def split_batch(G, world, grad_accum, micro_batch_size):
     b = G // world
     n = b // micro_batch_size if micro_batch_size else grad_accum
     if n < 1 or b % n or (micro_batch_size and b % micro_batch_size):
-        raise PurrError(f"--global-batch-size {G} on {world} process(es) is {b} per process, which does not split "
-                        f"into {f'micro-batches of {micro_batch_size}' if micro_batch_size else f'{n} equal micro-batches'}; "
-                        "choose a divisor")
+        parts = f"micro-batches of {micro_batch_size}" if micro_batch_size else f"{n} equal micro-batches"
+        raise PurrError(f"--global-batch-size {G} on {world} process(es) is {b} per process, "
+                        f"which does not split into {parts}; choose a divisor")
     return b, n
 
 
@@ -248,8 +250,8 @@ class Unreadable:
             self.seen[i] = why
         if len(self.seen) > self.limit:
             first = ", ".join(self.data.files[i][0] for i in sorted(self.seen)[:5])
-            raise PurrError(f"{len(self.seen)} unreadable images in --data (more than {self.limit}), e.g. {first}: "
-                            "fix or remove them")
+            raise PurrError(f"{len(self.seen)} unreadable images in --data (more than {self.limit}), "
+                            f"e.g. {first}: fix or remove them")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,12 +262,13 @@ def default_precision():
     kernels (AVX512-BF16, AMX); elsewhere (an AVX2-only CPU runs bf16 matmuls ~30x slower) fp32."""
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bf16" if cpu_bf16 else "fp32"
 
 
 def keep_freed_memory():
-    """glibc hands freed blocks of a few MB back to the OS, so every step's K-wide CPU tensors fault their pages in
-    afresh (~4,000 page faults a demo step, ~15 % of its time). Keep them in the process instead."""
+    """glibc hands freed blocks of a few MB back to the OS, so every step's K-wide CPU tensors fault their
+    pages in afresh (~4,000 page faults a demo step, ~15 % of its time). Keep them in the process instead."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
@@ -348,8 +351,9 @@ def save_checkpoint(obj, path, keep=None):
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
         previous = sorted(glob.glob(os.path.join(folder, "*.pt")))
+        free_gib = shutil.disk_usage(folder).free / 2 ** 30
         raise PurrError(f"cannot write checkpoint {path} ({str(e).splitlines()[0]}); "
-                        f"{shutil.disk_usage(folder).free / 2 ** 30:.1f} GiB free there; the previous checkpoint "
+                        f"{free_gib:.1f} GiB free there; the previous checkpoint "
                         f"{previous[-1] if previous else '(none)'} is intact") from None
     for old in sorted(glob.glob(os.path.join(folder, "*.pt")))[:-keep] if keep else []:
         os.remove(old)
@@ -368,8 +372,8 @@ def save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_sav
     if rank == 0:
         try:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise PurrError(f"the weights are not finite at step {step}; not saving them; the last good checkpoint "
-                                f"is {last_saved or '(none)'}: resume from it with a lower --lr")
+                raise PurrError(f"the weights are not finite at step {step}; not saving them; the last good "
+                                f"checkpoint is {last_saved or '(none)'}: resume from it with a lower --lr")
             save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "args": cfg, "step": step, "vq": tokenizer_spec(tok, cfg)}, path, cfg["keep"])
             print(f"saved {path}", flush=True)
@@ -400,7 +404,8 @@ class Log:
         if self.world > 1:
             torch.distributed.all_reduce(self.sums)
         dt, n = time.time() - self.t0, step - self.last
-        rec = {"step": step, **dict(zip(losses, (self.sums / (self.world * n)).tolist())), "images": step * self.G,
+        means = (self.sums / (self.world * n)).tolist()
+        rec = {"step": step, **dict(zip(losses, means)), "images": step * self.G,
                "steps_per_s": n / dt, "images_per_s": self.G * n / dt, "unreadable": unreadable}
         if self.run:
             print("  ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
@@ -414,7 +419,8 @@ class Progress:
     counts its own share and scales it to all ranks' (the shards are equal to within one batch)."""
 
     def __init__(self, name, total, mine, unit, every=30.0):
-        self.name, self.total, self.scale, self.unit, self.every = name, total, total / max(mine, 1), unit, every
+        self.name, self.total, self.unit, self.every = name, total, unit, every
+        self.scale = total / max(mine, 1)
         self.done, self.t0 = 0, time.time()
         self.last = self.t0
 
@@ -423,9 +429,13 @@ class Progress:
         now = time.time()
         finished = round(self.done * self.scale) >= self.total
         if now - self.last >= self.every or finished:
-            self.last, done, rate = now, min(round(self.done * self.scale), self.total), self.done * self.scale / (now - self.t0)
-            eta = "done" if finished else f"ETA {datetime.timedelta(seconds=round((self.total - done) / rate))}"
-            print(f"{self.name}: {done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {eta}", file=sys.stderr, flush=True)
+            self.last = now
+            done = min(round(self.done * self.scale), self.total)
+            rate = self.done * self.scale / (now - self.t0)
+            eta = ("done" if finished
+                   else f"ETA {datetime.timedelta(seconds=round((self.total - done) / rate))}")
+            print(f"{self.name}: {done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, {eta}",
+                  file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ class BlockB(nn.Module):  # Mixed_6a: torchvision's InceptionB
         self.branch3x3dbl_2, self.branch3x3dbl_3 = Conv(64, 96, 3, p=1), Conv(96, 96, 3, s=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+        return torch.cat([self.branch3x3(x),
+                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           F.max_pool2d(x, 3, 2)], 1)
 
 
@@ -116,7 +117,8 @@ class BlockD(nn.Module):  # Mixed_7a: torchvision's InceptionD
 
     def forward(self, x):
         b7 = [getattr(self, f"branch7x7x3_{i}") for i in range(1, 5)]
-        return torch.cat([chain(x, self.branch3x3_1, self.branch3x3_2), chain(x, *b7), F.max_pool2d(x, 3, 2)], 1)
+        return torch.cat([chain(x, self.branch3x3_1, self.branch3x3_2), chain(x, *b7),
+                          F.max_pool2d(x, 3, 2)], 1)
 
 
 class BlockE(nn.Module):  # Mixed_7b: FIDInceptionE_1 (avg pool); Mixed_7c: FIDInceptionE_2 (max pool)
@@ -140,7 +142,8 @@ def resize_tf1(x, size=299):
     """TF1 bilinear resize (align_corners=False): src = dst * in/out, no half-pixel offset. The same float32
     ops in the same order as torch-fidelity's interpolate_compat_tensorflow, so the result is bit-exact."""
     def grid(n):
-        pos = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n / size, dtype=torch.float32)
+        pos = (torch.arange(size, dtype=torch.float32, device=x.device)
+               * torch.tensor(n / size, dtype=torch.float32))
         lo = pos.long()
         return lo, (lo + 1).clamp_max(n - 1), pos - lo.float()
     (ylo, yhi, dy), (xlo, xhi, dx) = grid(x.shape[2]), grid(x.shape[3])
@@ -178,13 +181,16 @@ class InceptionV3(nn.Module):
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise FIDError(f"expected uint8 images [N, 3, H, W], got {x.dtype} {list(x.shape)}")
         # TF32 convolutions (default on Ampere and later) would move the features by ~1e-3
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if x.is_cuda else contextlib.nullcontext():
+        no_tf32 = (torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if x.is_cuda
+                   else contextlib.nullcontext())
+        with no_tf32:
             x = chain(self.normalize(x), self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
             x = chain(F.max_pool2d(x, 3, 2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
             x = chain(F.max_pool2d(x, 3, 2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
                       self.Mixed_6b, self.Mixed_6c, self.Mixed_6d)
-            # ADM's mixed_6/conv is Mixed_6d's 1x1 branch, the first 192 channels of its output. sFID keeps 7
-            # of them, flattened in TF's NHWC order, so that mu_s and sigma_s compare with ADM's reference batches.
+            # ADM's mixed_6/conv is Mixed_6d's 1x1 branch, the first 192 channels of its output. sFID keeps
+            # 7 of them, flattened in TF's NHWC order, so that mu_s and sigma_s compare with ADM's reference
+            # batches.
             spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
             pool = chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c).mean((2, 3))
         # the fc without its bias: ADM's softmax/logits/MatMul, torch-fidelity's logits_unbiased
@@ -213,7 +219,8 @@ def find_weights(path=None):
 
 
 def load_inception(path=None, preprocess="fidelity"):
-    """The FID Inception (eval mode, CPU) with the official weights, loaded strictly (fp16 files as float32)."""
+    """The FID Inception (eval mode, CPU) with the official weights, loaded strictly (fp16 files as
+    float32)."""
     path, fix = find_weights(path), f"get a fresh copy of {WEIGHTS} from {WEIGHTS_URL}"
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -225,12 +232,14 @@ def load_inception(path=None, preprocess="fidelity"):
     # num_batches_tracked only counts training steps: files with and without it hold the same weights
     want = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     sd = {k: v.float() for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    shapes = [f"{k} {list(sd[k].shape)} != {list(s)}" for k, s in want.items() if k in sd and sd[k].shape != s]
+    shapes = [f"{k} {list(sd[k].shape)} != {list(s)}"
+              for k, s in want.items() if k in sd and sd[k].shape != s]
     for what, bad in (("missing keys", sorted(want.keys() - sd.keys())),
                       ("unexpected keys", sorted(sd.keys() - want.keys())), ("wrong shapes", shapes)):
         if bad:
             more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-            raise FIDError(f"{path}: not the FID Inception weights, {what}: {', '.join(bad[:3])}{more}; {fix}")
+            raise FIDError(f"{path}: not the FID Inception weights, "
+                           f"{what}: {', '.join(bad[:3])}{more}; {fix}")
     model.load_state_dict(sd, strict=False)  # checked above: only num_batches_tracked may be absent
     return model.eval().requires_grad_(False)
 
@@ -292,7 +301,8 @@ def _npz(path, batch_size, limit):
     except Exception as e:
         raise FIDError(f"{path}: unreadable .npz ({type(e).__name__}: {e})") from None
     if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8 or fortran:
-        raise FIDError(f"{path}: arr_0 must be N x H x W x 3 uint8 images (ADM's layout), got {dtype} {list(shape)}")
+        raise FIDError(f"{path}: arr_0 must be N x H x W x 3 uint8 images (ADM's layout), "
+                       f"got {dtype} {list(shape)}")
     n = min(shape[0], limit or shape[0])
 
     def batches():
@@ -341,8 +351,8 @@ def features(src, model, batch_size=50, num_images=None, progress_s=15.0, crop=N
         done += len(x)
         if time.time() - last > progress_s and done < n:
             last, rate = time.time(), done / (time.time() - t0)
-            print(f"fid: {name}: {done}/{n} images, {rate:.1f} images/s, {(n - done) / rate / 60:.1f} min left",
-                  file=sys.stderr, flush=True)
+            print(f"fid: {name}: {done}/{n} images, {rate:.1f} images/s, "
+                  f"{(n - done) / rate / 60:.1f} min left", file=sys.stderr, flush=True)
     return {**out, "images": np.concatenate(shown)} if keep else out
 
 
@@ -385,15 +395,18 @@ def summarize(feats, name):
 
 def moments(feats):
     """{"mu", "sigma", "num_images"} of features [N, D]: mean and covariance in float64."""
-    return {"mu": feats.mean(0, dtype=np.float64), "sigma": np.cov(feats, rowvar=False), "num_images": len(feats)}
+    return {"mu": feats.mean(0, dtype=np.float64), "sigma": np.cov(feats, rowvar=False),
+            "num_images": len(feats)}
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) in float64, handled as pytorch-fid (TTUR) does."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"mismatched statistics: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
+        raise ValueError(f"mismatched statistics: mu {mu1.shape}, {mu2.shape}; "
+                         f"sigma {sigma1.shape}, {sigma2.shape}")
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # singular product: regularize both covariances
         print(f"fid: singular covariance product, adding {eps} to the diagonals", file=sys.stderr)
@@ -483,8 +496,9 @@ def metrics(samples, ref, device="cpu"):
     n, m = len(samples.get("pool", ())), len(ref.get("pool", ()))
     why = why or (min(n, m) <= 3 and f"{min(n, m)} images on a side: precision and recall need over k = 3")
     pr = (None, None) if why else precision_recall(ref["pool"], samples["pool"], device=device)
+    convention = f"k=3 pool_3 manifolds, {m} reference, {n} sample images; ADM's"
     for name, v in zip(("precision", "recall"), pr):
-        out[name] = (why, None) if why else (v, f"k=3 pool_3 manifolds, {m} reference, {n} sample images; ADM's")
+        out[name] = (why, None) if why else (v, convention)
     size = min(1000, n, m)
     out["KID"] = (why, None) if why else (kid(samples["pool"], ref["pool"], subset_size=size, device=device),
                                           f"(x.y/2048 + 1)^3, 100 subsets of {size}; torch-fidelity")
@@ -513,12 +527,14 @@ def main(argv=None):
     p.add_argument("--inception", help=f"path of {WEIGHTS} (default: torch hub cache, else download)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--preprocess", choices=PREPROCESS, default="fidelity",
-                   help="fidelity: torch-fidelity's and ADM's TF1 resize (the paper's); pytorch-fid: torch resize")
+                   help="fidelity: torch-fidelity's and ADM's TF1 resize (the paper's); "
+                        "pytorch-fid: torch resize")
     p.add_argument("--center-crop", type=int, metavar="SIZE",
                    help="center-crop folder images to SIZE^2 as ADM does (ImageNet val: 256)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-images", type=int,
-                   help="use the first N images of each image source, e.g. 10000 for FID-10k (not of statistics)")
+                   help="use the first N images of each image source, e.g. 10000 for FID-10k "
+                        "(not of statistics)")
     a = p.parse_args(argv)
     srcs = [a.A] if a.save_stats else [a.A, a.B]
     try:

@@ -77,7 +77,8 @@ def conv3(cin, cout, stride=1):
 class ResnetBlock(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
-        self.norm1, self.conv1, self.norm2, self.conv2 = norm(cin), conv3(cin, cout), norm(cout), conv3(cout, cout)
+        self.norm1, self.conv1 = norm(cin), conv3(cin, cout)
+        self.norm2, self.conv2 = norm(cout), conv3(cout, cout)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
@@ -109,7 +110,8 @@ class Resample(nn.Module):
         self.down, self.conv = down, conv3(c, c, 2 if down else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down
+                         else F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 # Checkpoint names: res = a level's list of resnet blocks, enc/dec = the lists of levels, mid = the
@@ -151,7 +153,8 @@ class Encoder(nn.Module):
         self.layout = layout
         self.conv_in = conv3(3, ch)
         self.add_module(layout.enc, nn.ModuleList(
-            Level(layout.res, cin, c, num_res_blocks, i in attn_levels, "downsample" if i < len(chans) - 1 else None)
+            Level(layout.res, cin, c, num_res_blocks, i in attn_levels,
+                  "downsample" if i < len(chans) - 1 else None)
             for i, (cin, c) in enumerate(zip([ch] + chans, chans))))
         self.mid = middle(layout, chans[-1])
         self.norm_out, self.conv_out = norm(chans[-1]), conv3(chans[-1], z_channels)
@@ -170,9 +173,11 @@ class Decoder(nn.Module):
         self.layout = layout
         self.conv_in = conv3(z_channels, chans[-1])
         self.mid = middle(layout, chans[-1])
-        deepest_first = [Level(layout.res, chans[min(i + 1, len(chans) - 1)], chans[i], num_res_blocks + 1,
-                               i in attn_levels, "upsample" if i else None) for i in reversed(range(len(chans)))]
-        self.add_module(layout.dec, nn.ModuleList(deepest_first[::-1] if layout.dec_by_level else deepest_first))
+        deepest_first = [Level(layout.res, chans[min(i + 1, len(chans) - 1)], chans[i],
+                               num_res_blocks + 1, i in attn_levels, "upsample" if i else None)
+                         for i in reversed(range(len(chans)))]
+        levels = deepest_first[::-1] if layout.dec_by_level else deepest_first
+        self.add_module(layout.dec, nn.ModuleList(levels))
         self.norm_out, self.conv_out = norm(ch * ch_mult[0]), conv3(ch * ch_mult[0], 3)
 
     def forward(self, z):
@@ -231,7 +236,8 @@ class VQModel(nn.Module):
         self.decoder = Decoder(layout, ch, ch_mult, num_res_blocks, attn_levels, z_channels)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        self.quantize = Quantizer(codebook_size, embed_dim, l2_norm)  # quantize.embedding.weight, as in the files
+        # quantize.embedding.weight, as in the files
+        self.quantize = Quantizer(codebook_size, embed_dim, l2_norm)
         self.eval().requires_grad_(False)
 
     @property
@@ -315,7 +321,8 @@ def fit_tiny(images, codebook_size=256, dim=8, patch=4, iters=25, seed=0):
     cent = seeds[:1]
     d2 = (seeds - cent).pow(2).sum(1)
     for _ in range(codebook_size - 1):
-        pick = torch.searchsorted(d2.cumsum(0), torch.rand(1, generator=g) * d2.sum()).clamp(max=len(seeds) - 1)
+        target = torch.rand(1, generator=g) * d2.sum()
+        pick = torch.searchsorted(d2.cumsum(0), target).clamp(max=len(seeds) - 1)
         cent = torch.cat([cent, seeds[pick]])
         d2 = torch.minimum(d2, (seeds - cent[-1]).pow(2).sum(1))
     for _ in range(iters):
@@ -343,7 +350,8 @@ CONFIGS = {  # latent-diffusion models/first_stage_models/vq-f8/config.yaml; Lla
 ALIASES = {"sd-vq-f8": {"codebook_size": "n_embed"}, "llamagen-vq-ds8": {}}
 OFFICIAL = {
     "sd-vq-f8": "model.ckpt inside https://ommer-lab.com/files/latent-diffusion/vq-f8.zip",
-    "llamagen-vq-ds8": "vq_ds8_c2i.pt from https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds8_c2i.pt",
+    "llamagen-vq-ds8":
+        "vq_ds8_c2i.pt from https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds8_c2i.pt",
 }
 SIGNATURE = {"sd-vq-f8": "encoder.down.", "llamagen-vq-ds8": "encoder.conv_blocks."}  # tells the files apart
 
@@ -363,8 +371,10 @@ def build_tokenizer(name, **overrides):
         return VQModel(name, SD_LAYOUT, cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"],
                        {i for i in range(n) if cfg["resolution"] // 2 ** i in cfg["attn_resolutions"]},
                        cfg["z_channels"], cfg["embed_dim"], cfg["n_embed"], l2_norm=False)
-    return VQModel(name, LLAMAGEN_LAYOUT, cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"], {n - 1},  # deepest level
-                   cfg["z_channels"], cfg["codebook_embed_dim"], cfg["codebook_size"], cfg["codebook_l2_norm"])
+    return VQModel(name, LLAMAGEN_LAYOUT, cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"],
+                   {n - 1},  # deepest level
+                   cfg["z_channels"], cfg["codebook_embed_dim"], cfg["codebook_size"],
+                   cfg["codebook_l2_norm"])
 
 
 class _Inert:
@@ -378,7 +388,8 @@ class _Inert:
         pass
 
 
-_LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how pre-1.6 torch.save files begin
+# how pre-1.6 torch.save files begin
+_LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
 
 def _torch_load(path, expected):
@@ -392,9 +403,9 @@ def _torch_load(path, expected):
             if not zipfile.is_zipfile(path):
                 with open(path, "rb") as f:
                     legacy = f.read(len(_LEGACY_HEAD)) == _LEGACY_HEAD
-                why = ("a pre-1.6 torch.save file that pickles objects besides tensors: not loaded, as only a full "
-                       "unpickle, running code from the file, could read it; re-save its state dict with a current "
-                       "torch" if legacy else "not a torch checkpoint")
+                why = ("a pre-1.6 torch.save file that pickles objects besides tensors: not loaded, as only "
+                       "a full unpickle, running code from the file, could read it; re-save its state dict "
+                       "with a current torch" if legacy else "not a torch checkpoint")
                 raise TokenizerError(f"{path}: {why}; expected {expected}") from None
             # SD's model.ckpt is a pytorch-lightning checkpoint: it also pickles callback objects and
             # numpy scalars, which the weights-only unpickler refuses and a full unpickle could only
@@ -405,15 +416,16 @@ def _torch_load(path, expected):
                 try:
                     return torch.load(path, map_location="cpu", weights_only=True)
                 except pickle.UnpicklingError:  # e.g. a module the unpickler blocks outright (os, sys)
-                    raise TokenizerError(f"{path}: refused: it pickles {', '.join(sorted(names))} in a way only "
-                                         f"a full unpickle, running code from the file, could read; "
+                    raise TokenizerError(f"{path}: refused: it pickles {', '.join(sorted(names))} in a way "
+                                         "only a full unpickle, running code from the file, could read; "
                                          f"expected {expected}") from None
     except TokenizerError:
         raise
     except Exception as e:  # a .zip still to unpack, an image, a truncated download...
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         unzip = " (unzip it: the checkpoint is the model.ckpt inside)" if path.endswith(".zip") else ""
-        raise TokenizerError(f"{path}: cannot read it as a torch checkpoint{unzip}: {why}; expected {expected}") from e
+        raise TokenizerError(f"{path}: cannot read it as a torch checkpoint{unzip}: {why}; "
+                             f"expected {expected}") from e
 
 
 def _official_state(name, path):
@@ -441,14 +453,16 @@ def _check_keys(model, sd, name, path):
         return
 
     def listed(what, keys):
-        return f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else None
+        more = ", ..." if len(keys) > 3 else ""
+        return f"{len(keys)} {what} ({', '.join(keys[:3])}{more})" if keys else None
     problems = "; ".join(filter(None, [listed("missing", missing), listed("unexpected", unexpected),
                                        listed("with the wrong shape (file vs model)", shapes)]))
     hint = next((f"this looks like {other}'s file: use --vq {other}" for other, sig in SIGNATURE.items()
                  if other != name and any(k.startswith(sig) for k in sd)), "")
     width = sd.get("encoder.conv_in.weight")
     if not hint and width is not None and width.shape[0] != want["encoder.conv_in.weight"].shape[0]:
-        hint = f"the file's width is ch={width.shape[0]} (load_tokenizer(..., ch={width.shape[0]}) builds that)"
+        file_ch = width.shape[0]
+        hint = f"the file's width is ch={file_ch} (load_tokenizer(..., ch={file_ch}) builds that)"
     raise TokenizerError(f"{path} does not fit {name}: {problems}. {hint + '. ' if hint else ''}"
                          f"{name} loads {OFFICIAL[name]}")
 
@@ -536,14 +550,17 @@ def recon(args):
         stem = os.path.splitext(path)[0]
         Image.fromarray(out[0].permute(1, 2, 0).numpy()).save(f"{stem}_recon.png")
         scores.append(psnr(ref, out))
-        print(f"{path}: {c.shape[1]}x{c.shape[2]} codes, PSNR {scores[-1]:.2f} dB -> {stem}_recon.png", flush=True)
-    print(f"mean PSNR {np.mean(scores):.2f} dB over {len(scores)} image(s) ({tok.name}, {args.image_size}x{args.image_size})")
+        print(f"{path}: {c.shape[1]}x{c.shape[2]} codes, PSNR {scores[-1]:.2f} dB -> {stem}_recon.png",
+              flush=True)
+    print(f"mean PSNR {np.mean(scores):.2f} dB over {len(scores)} image(s) "
+          f"({tok.name}, {args.image_size}x{args.image_size})")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="vq.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("recon", help="encode and decode images, write <stem>_recon.png beside each, print PSNR")
+    r = sub.add_parser("recon",
+                       help="encode and decode images, write <stem>_recon.png beside each, print PSNR")
     r.add_argument("--vq", required=True, choices=[*CONFIGS, "tiny"], help="tokenizer")
     r.add_argument("--vq-ckpt", required=True, help="its checkpoint file")
     r.add_argument("--image-size", type=int, default=256, help="center crop resized to this (default 256)")

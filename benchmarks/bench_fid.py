@@ -27,21 +27,23 @@ def throughput(model, x, batch):
     with torch.inference_mode():
         model(x[:batch])  # warm-up
         dt = timed(lambda: [model(x[i:i + batch]) for i in range(0, len(x), batch)])
-    print(f"Inception pass: {len(x) / dt:6.2f} images/s ({len(x)} images {tuple(x.shape[2:])}, batch {batch}, "
-          f"cpu x{torch.get_num_threads()}): {1000 * dt / len(x):.0f} s per 1,000 images", flush=True)
+    print(f"Inception pass: {len(x) / dt:6.2f} images/s ({len(x)} images {tuple(x.shape[2:])}, "
+          f"batch {batch}, cpu x{torch.get_num_threads()}): {1000 * dt / len(x):.0f} s per 1,000 images",
+          flush=True)
 
 
 def metric_costs(model, n):
-    """Seconds each metric takes on n images' features (theirs: the pool, spatial and logits of n 64x64 images,
-    repeated with noise so that covariances are full rank)."""
+    """Seconds each metric takes on n images' features (theirs: the pool, spatial and logits of n 64x64
+    images, repeated with noise so that covariances are full rank)."""
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         f = model(torch.randint(0, 256, (50, 3, 64, 64), dtype=torch.uint8, generator=g))
-    f = {k: (v.repeat(n // 50, 1) * (1 + 0.1 * torch.rand(n, v.shape[1], generator=g))).numpy() for k, v in f.items()}
+    f = {k: (v.repeat(n // 50, 1) * (1 + 0.1 * torch.rand(n, v.shape[1], generator=g))).numpy()
+         for k, v in f.items()}
     s = fid.moments(f["spatial"])
     costs = {"sFID moments (2023-d covariance)": timed(fid.moments, f["spatial"]),
-             "sFID distance (one 2023-d sqrtm; FID's is alike)": timed(fid.frechet_distance, s["mu"], s["sigma"],
-                                                                     s["mu"], s["sigma"]),
+             "sFID distance (one 2023-d sqrtm; FID's is alike)":
+                 timed(fid.frechet_distance, s["mu"], s["sigma"], s["mu"], s["sigma"]),
              "IS (torch-fidelity, 10 splits)": timed(fid.inception_score, f["logits"]),
              "KID (100 subsets of 1000: fixed cost)": timed(fid.kid, f["pool"], f["pool"][::-1].copy(),
                                                             subset_size=min(1000, n)),
@@ -58,9 +60,11 @@ def pr_scaling(n, d=2048):
     dt = timed(fid.precision_recall, x, y)
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     macs, adm = 3 * n * n * d, (10_000 ** 2 + 50_000 ** 2 + 10_000 * 50_000) * d
-    print(f"precision/recall {n} vs {n}: {dt:.1f} s, {macs / 1e12:.3f} T multiply-adds ({macs / dt / 1e9:.1f} G/s), "
-          f"peak memory +{peak:.0f} MiB over the features; ADM's 10k vs 50k: {adm / 1e12:.2f} T multiply-adds, "
-          f"~{adm / (macs / dt) / 60:.1f} min at this rate, features {60_000 * d * 4 / 2 ** 20:.0f} MiB", flush=True)
+    print(f"precision/recall {n} vs {n}: {dt:.1f} s, {macs / 1e12:.3f} T multiply-adds "
+          f"({macs / dt / 1e9:.1f} G/s), peak memory +{peak:.0f} MiB over the features; "
+          f"ADM's 10k vs 50k: {adm / 1e12:.2f} T multiply-adds, "
+          f"~{adm / (macs / dt) / 60:.1f} min at this rate, features {60_000 * d * 4 / 2 ** 20:.0f} MiB",
+          flush=True)
 
 
 def main():

@@ -73,8 +73,8 @@ def main():
         def reference(x):
             with original_style(), torch.no_grad():
                 return tok.quantize(tok.quant_conv(tok.encoder(x)))
-        speed = median_images_per_s({"vq.py": tok.encode, "channels-last": channels_last, "original-style": reference},
-                                    x, args.reps)
+        encoders = {"vq.py": tok.encode, "channels-last": channels_last, "original-style": reference}
+        speed = median_images_per_s(encoders, x, args.reps)
         print(f"  {name:16s} " + "   ".join(f"{k} {v:5.2f}" for k, v in speed.items()), flush=True)
 
 

@@ -3,8 +3,10 @@ on fresh demo images (seed 1; the generators train on seed 0). Its 64-d penultim
 Fréchet distance to real held-out images (seed 2), its predictions the class accuracy of
 class-conditional samples.
 
-    python benchmarks/demo_metric.py               # train (~1 min on 2 CPU cores) or load, score fresh real images
-    python benchmarks/demo_metric.py SAMPLES.npz   # score an ADM batch from `purr.py sample --out SAMPLES.npz`
+    python benchmarks/demo_metric.py               # train (~1 min on 2 CPU cores) or load, score fresh
+                                                   # real images
+    python benchmarks/demo_metric.py SAMPLES.npz   # score an ADM batch from
+                                                   # `purr.py sample --out SAMPLES.npz`
 """
 import argparse
 import os
@@ -35,7 +37,8 @@ class Classifier(nn.Module):
 
     def __init__(self, feat=64, classes=len(appendix.DEMO_CLASSES)):
         super().__init__()
-        self.body = nn.Sequential(conv(3, 32), conv(32, 32), nn.MaxPool2d(2), conv(32, 64), conv(64, 64), nn.MaxPool2d(2),
+        self.body = nn.Sequential(conv(3, 32), conv(32, 32), nn.MaxPool2d(2),
+                                  conv(32, 64), conv(64, 64), nn.MaxPool2d(2),
                                   conv(64, 128), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * 16, feat))
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(feat, classes))
         self.register_buffer("ref_mu", torch.zeros(feat, dtype=torch.float64))
@@ -102,16 +105,20 @@ def demo_fd_and_accuracy(clf, images, labels):
 
 
 def load_samples(path):
-    """An ADM sample batch (arr_0: N x 32 x 32 x 3 uint8, arr_1: labels) -> (uint8 [N,3,32,32], labels [N])."""
+    """An ADM sample batch (arr_0: N x 32 x 32 x 3 uint8, arr_1: labels) -> (uint8 [N,3,32,32],
+    labels [N])."""
     with np.load(path) as f:
         if "arr_1" not in f:
             raise SystemExit(f"{path}: no labels (arr_1); write it with 'purr.py sample --out {path}'")
         images, labels = f["arr_0"], f["arr_1"]
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
-        raise SystemExit(f"{path}: arr_0 is {images.dtype} {images.shape}, not N x 32 x 32 x 3 uint8 demo images")
+        raise SystemExit(f"{path}: arr_0 is {images.dtype} {images.shape}, "
+                         "not N x 32 x 32 x 3 uint8 demo images")
     if len(images) < 2 or len(labels) != len(images):
-        raise SystemExit(f"{path}: {len(images)} images and {len(labels)} labels; need >= 2 images, one label each")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels.astype(np.int64))
+        raise SystemExit(f"{path}: {len(images)} images and {len(labels)} labels; "
+                         "need >= 2 images, one label each")
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(labels.astype(np.int64)))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/miniature.py --seeds 0 1 2   # -> benchmarks/results/miniature_*.{csv,png}
-    python benchmarks/miniature.py --quick         # every part, 2 seeds, 1/4 of the steps: < 10 min -> results/miniature-quick
-    python benchmarks/miniature.py --objectives dfm --seeds 0 --steps 1800   # re-run some rows into the tables
+    python benchmarks/miniature.py --quick         # every part, 2 seeds, 1/4 of the steps: < 10 min
+                                                   # -> results/miniature-quick
+    python benchmarks/miniature.py --objectives dfm --seeds 0 --steps 1800
+                                                   # re-run some rows into the tables
 
 Samples: Euler, 32 steps (the steps sweep aside), 500 per point, tau 0.9 for purr's convergence (the paper's
 Fig. 3 setting) and 1.0 for DFM, whose x_1 draws are the model's own distribution.
@@ -63,8 +65,9 @@ def evaluate(sampler, clf, tau, n, num_steps, method="euler", cfg_scale=1.0, z0=
     z0 = torch.randn(n, a["latent_channels"], a["latent_size"], a["latent_size"],
                      generator=torch.Generator().manual_seed(0)) if z0 is None else z0
     t0 = time.perf_counter()
-    c = torch.cat([purr.sample_codes(model, tok, a["objective"], y[i:i + 100], z0[i:i + 100], tau, cfg_scale, num_steps,
-                                 method, seeds=range(n)[i:i + 100]) for i in range(0, n, 100)])
+    c = torch.cat([purr.sample_codes(model, tok, a["objective"], y[i:i + 100], z0[i:i + 100], tau, cfg_scale,
+                                     num_steps, method, seeds=range(n)[i:i + 100])
+                   for i in range(0, n, 100)])
     images = vqlib.to_uint8(tok.decode(c))
     seconds = (time.perf_counter() - t0) * 100 / n
     fd, acc = demo_fd_and_accuracy(clf, images, y)
@@ -73,9 +76,9 @@ def evaluate(sampler, clf, tau, n, num_steps, method="euler", cfg_scale=1.0, z0=
 
 def train_run(work, objective, seed, steps, eval_every, demo_size, resume=None):
     """`purr.py train` with the demo's defaults -> the run folder."""
-    flags = ["train", "--objective", objective, "--seed", str(seed), "--steps", str(steps), "--demo-size", str(demo_size),
-             "--ckpt-every", str(eval_every), "--log-every", str(eval_every), "--results-dir",
-             os.path.join(work, f"{objective}-seed{seed}")]
+    flags = ["train", "--objective", objective, "--seed", str(seed), "--steps", str(steps),
+             "--demo-size", str(demo_size), "--ckpt-every", str(eval_every), "--log-every", str(eval_every),
+             "--results-dir", os.path.join(work, f"{objective}-seed{seed}")]
     args = purr.parser().parse_args(flags + (["--resume", resume] if resume else []))
     return purr.train(args)
 
@@ -89,7 +92,8 @@ def floors(tok, clf, n):
     this token space can beat the second)."""
     images, labels = appendix.demo_dataset(n, seed=HELD_OUT_SEED + 1)
     recon = vqlib.to_uint8(tok.decode(tok.encode(appendix.to_unit(images))))
-    return {"real": demo_fd_and_accuracy(clf, images, labels), "tokenizer": demo_fd_and_accuracy(clf, recon, labels)}
+    return {"real": demo_fd_and_accuracy(clf, images, labels),
+            "tokenizer": demo_fd_and_accuracy(clf, recon, labels)}
 
 
 def mean_sd(values):
@@ -111,8 +115,11 @@ def merged(path, rows, a):
     seeds, and floors), numbers parsed; the whole table is replaced when every objective ran."""
     if set(a.objectives) == set(purr.OBJECTIVES) or not os.path.exists(path):
         return rows
-    number = lambda v: v if v in ("", "nan") or not v.lstrip("-").replace(".", "", 1).isdigit() else (  # noqa: E731
-        float(v) if "." in v else int(v))
+
+    def number(v):
+        if v in ("", "nan") or not v.lstrip("-").replace(".", "", 1).isdigit():
+            return v
+        return float(v) if "." in v else int(v)
     old = [{k: number(v) for k, v in r.items()} for r in csv.DictReader(open(path))]
     new = {(r["seed"], r["objective"]) for r in rows}
     return [r for r in old if (r["seed"], r["objective"]) not in new and r["seed"] != ""] + rows
@@ -143,7 +150,8 @@ def grouped(rows, x, y, by="objective", **where):
     for r in rows:
         if all(r[k] == v for k, v in where.items()):
             out.setdefault(r[by], {}).setdefault(r[x], []).append(r[y])
-    return {g: tuple(map(list, zip(*[(k, *mean_sd(v)) for k, v in sorted(d.items())]))) for g, d in out.items()}
+    return {g: tuple(map(list, zip(*[(k, *mean_sd(v)) for k, v in sorted(d.items())])))
+            for g, d in out.items()}
 
 
 def plot(path, panels):
@@ -158,7 +166,8 @@ def plot(path, panels):
         for i, (name, (xs, ms, sds)) in enumerate(series.items()):
             color = COLORS.get(name, f"C{i}")
             ax.plot(xs, ms, "o-", color=color, label=name, ms=3.5)
-            ax.fill_between(xs, [m - s for m, s in zip(ms, sds)], [m + s for m, s in zip(ms, sds)], color=color, alpha=0.2)
+            lo, hi = [m - s for m, s in zip(ms, sds)], [m + s for m, s in zip(ms, sds)]
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
         for name, level in levels.items():
             ax.axhline(level, ls="--", lw=1, color=COLORS.get(name, "black"), label=name)
         for axis, log in ((ax.xaxis, xlog), (ax.yaxis, ylog)):
@@ -185,10 +194,10 @@ def convergence(a, clf, work):
             runs[seed, obj] = train_run(work, obj, seed, a.steps, a.eval_every, a.demo_size)
             train_s = time.time() - t0
             for ckpt in checkpoints(runs[seed, obj]):
-                fd, acc, _, _ = evaluate(purr.load_sampler(ckpt), clf, 0.9 if obj == "purr" else 1.0, a.num_samples,
-                                         a.eval_steps)
-                rows.append({"seed": seed, "objective": obj, "step": int(os.path.basename(ckpt)[:-3]), "fd": round(fd, 3),
-                             "accuracy": round(acc, 4), "train_s": round(train_s, 1)})
+                tau = 0.9 if obj == "purr" else 1.0
+                fd, acc, _, _ = evaluate(purr.load_sampler(ckpt), clf, tau, a.num_samples, a.eval_steps)
+                rows.append({"seed": seed, "objective": obj, "step": int(os.path.basename(ckpt)[:-3]),
+                             "fd": round(fd, 3), "accuracy": round(acc, 4), "train_s": round(train_s, 1)})
                 print(rows[-1], flush=True)
     return rows, runs
 
@@ -199,7 +208,8 @@ def speedups(rows, seeds):
     for obj in [o for o in purr.OBJECTIVES if o != "purr"]:
         ratios = []
         for seed in seeds:
-            curve = lambda o: [(r["step"], r["fd"]) for r in rows if r["seed"] == seed and r["objective"] == o]  # noqa: E731
+            def curve(o):
+                return [(r["step"], r["fd"]) for r in rows if r["seed"] == seed and r["objective"] == o]
             ps, pf = zip(*curve("purr"))
             base_step, base_fd = curve(obj)[-1]
             reach = first_reach(list(ps), list(pf), base_fd)
@@ -212,15 +222,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0 1)")
     p.add_argument("--steps", type=int, help="training steps (default: the demo's)")
-    p.add_argument("--eval-every", type=int, help="checkpoint and evaluate every N steps (default: steps / 5)")
-    p.add_argument("--quick", action="store_true", help="every part in < 10 min: 2 seeds, 1/4 of the steps, fewer points")
-    p.add_argument("--smoke", action="store_true", help="a tiny end-to-end configuration (seconds), for the tests")
+    p.add_argument("--eval-every", type=int,
+                   help="checkpoint and evaluate every N steps (default: steps / 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="every part in < 10 min: 2 seeds, 1/4 of the steps, fewer points")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny end-to-end configuration (seconds), for the tests")
     p.add_argument("--work", default="results/miniature", help="run folders (checkpoints)")
-    p.add_argument("--out", help="tables and plots (default: benchmarks/results; --quick: results/miniature-quick)")
-    p.add_argument("--classifier", help="the metric's classifier (default: benchmarks/results/demo_classifier.pt)")
+    p.add_argument("--out",
+                   help="tables and plots (default: benchmarks/results; --quick: results/miniature-quick)")
+    p.add_argument("--classifier",
+                   help="the metric's classifier (default: benchmarks/results/demo_classifier.pt)")
     p.add_argument("--objectives", nargs="+", choices=purr.OBJECTIVES, default=list(purr.OBJECTIVES),
-                   help="a subset runs only the convergence and steps parts for these: their rows replace "
-                        "theirs in the tables under --out, and the figures are redrawn from the merged tables")
+                   help="a subset runs only the convergence and steps parts for these: "
+                        "their rows replace theirs in the tables under --out, "
+                        "and the figures are redrawn from the merged tables")
     a = p.parse_args(argv)
     preset = PRESETS["smoke" if a.smoke else "quick" if a.quick else "full"]
     for k in ("num_samples", "demo_size", "longer", "eval_steps", "taus"):
@@ -251,8 +267,8 @@ def main(argv=None):
     a.seeds = sorted({r["seed"] for r in rows})  # the speed-ups over every seed of the merged table
     for obj, ratios in speedups(rows, a.seeds).items():
         m, s = mean_sd(ratios)
-        print(f"purr reaches {obj}'s final FD in {m:.2f}x fewer steps (sd {s:.2f} over seeds {a.seeds}; per seed "
-              f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+        print(f"purr reaches {obj}'s final FD in {m:.2f}x fewer steps (sd {s:.2f} over seeds {a.seeds}; "
+              f"per seed {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
     if set(a.objectives) != set(purr.OBJECTIVES):
         steps_sweep(a, clf, finals, preset["sweep"], out)
         return
@@ -278,14 +294,16 @@ def temperature(a, clf, runs, finals):
     for (steps, seed), sampler in samplers.items():
         for tau in a.taus:
             fd, acc, _, _ = evaluate(sampler, clf, tau, a.num_samples, a.eval_steps)
-            rows.append({"train_steps": steps, "seed": seed, "tau": tau, "fd": round(fd, 3), "accuracy": round(acc, 4)})
+            rows.append({"train_steps": steps, "seed": seed, "tau": tau, "fd": round(fd, 3),
+                         "accuracy": round(acc, 4)})
             print(rows[-1], flush=True)
     write_csv(os.path.join(a.out, "miniature_temperature.csv"), rows)
     plot(os.path.join(a.out, "miniature_temperature.png"), [
         ("demo FD against tau (purr, EMA)", "tau", "demo FD",
          {f"{s} steps": v for s, v in grouped(rows, "tau", "fd", by="train_steps").items()}, {}, False, True),
         ("class accuracy against tau", "tau", "accuracy",
-         {f"{s} steps": v for s, v in grouped(rows, "tau", "accuracy", by="train_steps").items()}, {}, False, False)])
+         {f"{s} steps": v for s, v in grouped(rows, "tau", "accuracy", by="train_steps").items()},
+         {}, False, False)])
     return rows
 
 
@@ -296,9 +314,11 @@ def steps_sweep(a, clf, finals, sweep, out):
         for nfe in sweep:
             for method in ("euler", "midpoint") if obj == "purr" else ("euler",):
                 num_steps = nfe // 2 if method == "midpoint" else nfe
-                fd, acc, sec, _ = evaluate(sampler, clf, 1.0 if obj == "dfm" else 0.9, a.num_samples, num_steps, method)
-                rows.append({"seed": seed, "objective": obj, "method": method, "num_steps": num_steps, "nfe": nfe,
-                             "fd": round(fd, 3), "accuracy": round(acc, 4), "s_per_100": round(sec, 3)})
+                tau = 1.0 if obj == "dfm" else 0.9
+                fd, acc, sec, _ = evaluate(sampler, clf, tau, a.num_samples, num_steps, method)
+                rows.append({"seed": seed, "objective": obj, "method": method, "num_steps": num_steps,
+                             "nfe": nfe, "fd": round(fd, 3), "accuracy": round(acc, 4),
+                             "s_per_100": round(sec, 3)})
                 print(rows[-1], flush=True)
     for r in rows:
         r["curve"] = r["objective"] + (" (midpoint)" if r["method"] == "midpoint" else "")
@@ -321,28 +341,34 @@ def guidance_and_schedules(a, clf, finals, best_tau, out):
         sampler = finals[seed, "purr"]
         for s in CFG_SCALES:
             fd, acc, _, _ = evaluate(sampler, clf, best_tau, a.num_samples, a.eval_steps, cfg_scale=s)
-            rows.append({"seed": seed, "tau": best_tau, "cfg_scale": s, "fd": round(fd, 3), "accuracy": round(acc, 4)})
+            rows.append({"seed": seed, "tau": best_tau, "cfg_scale": s, "fd": round(fd, 3),
+                         "accuracy": round(acc, 4)})
             print(rows[-1], flush=True)
         for start, end in [(best_tau, best_tau)] + SCHEDULES:
-            name = f"constant {best_tau}" if (start, end) == (best_tau, best_tau) else f"linear {start} -> {end}"
-            fd, acc, _, _ = evaluate(sampler, clf, purr.tau_schedule("linear", start, end), a.num_samples, a.eval_steps)
-            sched.append({"seed": seed, "schedule": name, "tau_start": start, "tau_end": end, "fd": round(fd, 3),
-                          "accuracy": round(acc, 4)})
+            name = (f"constant {best_tau}" if (start, end) == (best_tau, best_tau)
+                    else f"linear {start} -> {end}")
+            schedule = purr.tau_schedule("linear", start, end)
+            fd, acc, _, _ = evaluate(sampler, clf, schedule, a.num_samples, a.eval_steps)
+            sched.append({"seed": seed, "schedule": name, "tau_start": start, "tau_end": end,
+                          "fd": round(fd, 3), "accuracy": round(acc, 4)})
             print(sched[-1], flush=True)
     write_csv(out("guidance.csv"), rows)
     write_csv(out("tau_schedule.csv"), sched)
     for r in rows:
         r["curve"] = f"purr, tau {best_tau}"
     plot(out("guidance.png"), [
-        ("demo FD against guidance", "CFG scale", "demo FD", grouped(rows, "cfg_scale", "fd", by="curve"), {}, False, True),
-        ("class accuracy against guidance", "CFG scale", "accuracy", grouped(rows, "cfg_scale", "accuracy", by="curve"),
-         {}, False, False)])
+        ("demo FD against guidance", "CFG scale", "demo FD", grouped(rows, "cfg_scale", "fd", by="curve"),
+         {}, False, True),
+        ("class accuracy against guidance", "CFG scale", "accuracy",
+         grouped(rows, "cfg_scale", "accuracy", by="curve"), {}, False, False)])
 
 
 def tau_grid(sampler, clf, num_steps, out):
-    """Fig. 4: two samples per class, the same z_0 and labels in every row; rows are GRID_TAUS, top to bottom."""
+    """Fig. 4: two samples per class, the same z_0 and labels in every row; rows are GRID_TAUS, top to
+    bottom."""
     a = sampler[2]
-    z0 = torch.randn(20, a["latent_channels"], a["latent_size"], a["latent_size"], generator=torch.Generator().manual_seed(1))
+    z0 = torch.randn(20, a["latent_channels"], a["latent_size"], a["latent_size"],
+                     generator=torch.Generator().manual_seed(1))
     grid = torch.cat([evaluate(sampler, clf, tau, 20, num_steps, z0=z0)[3] for tau in GRID_TAUS])
     appendix.save_grid(grid, len(GRID_TAUS), out("tau_grid.png"))
 

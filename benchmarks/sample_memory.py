@@ -20,8 +20,8 @@ p.add_argument("--model", default="S/2")
 p.add_argument("--batch-size", type=int, default=8)
 p.add_argument("--cfg-scale", type=float, default=1.5)
 args = p.parse_args()
-a = {"model": args.model, "objective": "purr", "latent_size": 32, "latent_channels": 8, "codebook_size": 16384,
-     "num_classes": 1000}
+a = {"model": args.model, "objective": "purr", "latent_size": 32, "latent_channels": 8,
+     "codebook_size": 16384, "num_classes": 1000}
 model = purr.build_model(a).eval()
 codebook, B = torch.randn(16384, 8), args.batch_size
 y, z0 = torch.randint(0, 1000, (B,)), torch.randn(B, 8, 32, 32)
@@ -35,5 +35,6 @@ def rss():
 before = rss()
 purr.sample_latents(model, codebook, y, z0, 0.8, args.cfg_scale, 1)
 K_wide = B * 32 * 32 * 16384 * 4 / 2 ** 30
-print(f"{inspect.getsourcefile(purr)}: {args.model} batch {B} cfg {args.cfg_scale} fp32: peak RSS grew "
-      f"{rss() - before:.2f} GiB during one guided step (one fp32 [B,32,32,16384] tensor is {K_wide:.2f} GiB)")
+print(f"{inspect.getsourcefile(purr)}: {args.model} batch {B} cfg {args.cfg_scale} fp32: "
+      f"peak RSS grew {rss() - before:.2f} GiB during one guided step "
+      f"(one fp32 [B,32,32,16384] tensor is {K_wide:.2f} GiB)")

@@ -164,7 +164,8 @@ MUTATIONS = [
     Mutation("save_leaves_tmp", "appendix.py", "save_checkpoint",
              'os.remove(path + ".tmp")\n        previous', 'pass\n        previous', SAVE),
     # Signals: recorded by stop_requests, then the loop saves and stops.
-    Mutation("signal_flag_ignored", "purr.py", "train", "sum_over_ranks(world, device, bool(stop), not torch.isfinite",
+    Mutation("signal_flag_ignored", "purr.py", "train",
+             "sum_over_ranks(world, device, bool(stop), not torch.isfinite",
              "sum_over_ranks(world, device, False, not torch.isfinite", SIGNALS),
     Mutation("signal_handlers_not_restored", "appendix.py", "stop_requests",
              "            signal.signal(s, handler)\n", "            pass\n", SIGNALS),
