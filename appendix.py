@@ -1,8 +1,9 @@
 """purr's appendix: the plumbing under purr.py's training and sampling, out of the method's way.
 
-Data (the built-in demo images, image and token folders, the seeded batch plan), processes (precision,
-torchrun, signals), checkpoints and logs, and image outputs (grids, entropy maps, ADM sample batches).
-Nothing here knows the method. vq.py and fid.py take their image crop and extensions from here.
+Data (the built-in demo images, image and token folders, `extract`'s loop, the seeded batch plan), processes
+(precision, torchrun, signals), checkpoints and logs, and image outputs (grids, entropy maps, ADM sample
+batches). Nothing here knows the method or the tokenizers; vq.py takes its image crop and extensions from
+here.
 """
 import contextlib
 import ctypes
@@ -30,7 +31,7 @@ class PurrError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the built-in demo images, image folders, token folders, and the batch plan.
+# Data: the built-in demo images, image folders, token folders (and `purr.py extract`), the batch plan.
 
 IMAGE_EXTS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # compared lower-case (ImageNet's .JPEG)
 
@@ -252,6 +253,58 @@ class Unreadable:
             first = ", ".join(self.data.files[i][0] for i in sorted(self.seen)[:5])
             raise PurrError(f"{len(self.seen)} unreadable images in --data (more than {self.limit}), "
                             f"e.g. {first}: fix or remove them")
+
+
+def extract_tokens(data, tok, out, meta, batch_size, num_workers, rank, world, device):
+    """`purr.py extract`: every image of an ImageFolder and its horizontal flip, encoded once into the token
+    folder `out`: tokens.npy (uint16 [N,2,h,w], memory-mapped), labels.npy, meta.json, and done.npy, which
+    makes an interrupted run resumable. Each rank encodes every world-th image."""
+    h = meta["image_size"] // tok.downsample
+    tokens, labels, done = token_folder(out, meta, data, h, rank, world)
+    todo = [(i, 0) for i in range(rank, len(data), world) if not done[i]]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=num_workers,
+                                         collate_fn=collate)
+    # Each file is this rank's alone, so unreadable ones are reported and counted per rank, and a signal
+    # stops each rank at its next batch boundary without waiting for the others.
+    unreadable, progress = Unreadable(data, 1), Progress("extract", len(todo) * world, len(todo), "images")
+    with stop_requests() as stop:
+        for (x, y, bad), items in zip(loader, batches):
+            unreadable.add(unreadable.fresh(bad), 0)
+            idx = [i for i, _ in items]
+            x = to_unit(x.to(device))
+            c = torch.stack([tok.encode(x), tok.encode(x.flip(3))], 1)
+            tokens[idx], labels[idx] = c.cpu().numpy().astype(np.uint16), y.numpy()  # a replacement's label
+            tokens.flush()
+            labels.flush()
+            done[idx] = True  # only after the tokens are on disk
+            done.flush()
+            if rank == 0:
+                progress.update(len(idx))
+            if stop:
+                print(f"extract: stopped by signal on rank {rank} with {int(done.sum())}/{len(data)} images "
+                      "done; rerun the same command to finish", flush=True)
+                return
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"extract: {len(data)} images x 2 flips -> {out} ({h}x{h} tokens of {meta['vq']}), "
+              f"{len(unreadable.seen)} unreadable replaced on rank 0")
+
+
+def token_folder(out, meta, data, h, rank, world):
+    """The memory-mapped tokens, labels and done flags of `out`, created by rank 0 on the first run."""
+    paths = {k: os.path.join(out, k + ".npy") for k in ("tokens", "labels", "done")}
+    if rank == 0 and not os.path.isfile(paths["done"]):
+        os.makedirs(out, exist_ok=True)
+        np.lib.format.open_memmap(paths["tokens"], "w+", np.uint16, (len(data), 2, h, h)).flush()
+        np.save(paths["labels"], data.labels.numpy())
+        json.dump(meta, open(os.path.join(out, "meta.json"), "w"), indent=1)
+        np.save(paths["done"], np.zeros(len(data), bool))
+    if world > 1:
+        torch.distributed.barrier()
+    return [np.load(paths[k], mmap_mode="r+") for k in ("tokens", "labels", "done")]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 import fid
 import vq as vqlib
 from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder,
-                      Unreadable, checkpoint_paths, collate, default_precision, demo_dataset, heat_map,
-                      keep_freed_memory, load_checkpoint, new_run_dir, peak_memory, save_grid, save_run,
-                      setup_distributed, split_batch, stop_requests, sum_over_ranks, timed, to_unit,
+                      Unreadable, checkpoint_paths, collate, default_precision, demo_dataset, extract_tokens,
+                      heat_map, keep_freed_memory, load_checkpoint, new_run_dir, peak_memory, save_grid,
+                      save_run, setup_distributed, split_batch, stop_requests, sum_over_ranks, timed, to_unit,
                       write_adm_npz)
 
 
@@ -958,63 +958,19 @@ def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
 # Appendix: `purr.py extract` and `bench`, the command line. The rest of the plumbing (data and the batch
 # plan, processes and signals, checkpoints and logs, image outputs) is in appendix.py.
 
-# `purr.py extract`: encode an image folder once.
+# `purr.py extract`: encode an image folder once (the loop, resumable, is appendix.extract_tokens).
 
 @torch.inference_mode()
 def extract(args):
-    """Encode every image and its horizontal flip once into TOKENS_DIR: tokens.npy (uint16 [N,2,h,w],
-    memory-mapped), labels.npy, meta.json, and done.npy, which makes an interrupted run resumable."""
+    """Encode every image and its horizontal flip once into the token folder --out, read by open_tokens."""
     rank, world, device = setup_distributed()
     data = ImageFolder(args.data, args.image_size)
     tok = vqlib.load_tokenizer(args.vq, args.vq_ckpt).to(device)
     if len(tok.codebook) > 65536:
         raise PurrError(f"{args.vq} has {len(tok.codebook)} codes: more than uint16 tokens can hold")
-    h = args.image_size // tok.downsample
-    tokens, labels, done = token_folder(args, data, h, rank, world)
-    todo = [(i, 0) for i in range(rank, len(data), world) if not done[i]]
-    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate)
-    # Each file is this rank's alone, so unreadable ones are reported and counted per rank, and a signal
-    # stops each rank at its next batch boundary without waiting for the others.
-    unreadable, progress = Unreadable(data, 1), Progress("extract", len(todo) * world, len(todo), "images")
-    with stop_requests() as stop:
-        for (x, y, bad), items in zip(loader, batches):
-            unreadable.add(unreadable.fresh(bad), 0)
-            idx = [i for i, _ in items]
-            x = to_unit(x.to(device))
-            c = torch.stack([tok.encode(x), tok.encode(x.flip(3))], 1)
-            tokens[idx], labels[idx] = c.cpu().numpy().astype(np.uint16), y.numpy()  # a replaced file's label too
-            tokens.flush()
-            labels.flush()
-            done[idx] = True  # only after the tokens are on disk
-            done.flush()
-            if rank == 0:
-                progress.update(len(idx))
-            if stop:
-                print(f"extract: stopped by signal on rank {rank} with {int(done.sum())}/{len(data)} images done; "
-                      "rerun the same command to finish", flush=True)
-                return
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    if rank == 0:
-        print(f"extract: {len(data)} images x 2 flips -> {args.out} ({h}x{h} tokens of {args.vq}), "
-              f"{len(unreadable.seen)} unreadable replaced on rank 0")
-
-
-def token_folder(args, data, h, rank, world):
-    """The memory-mapped tokens, labels and done flags of --out, created by rank 0 on the first run."""
-    paths = {k: os.path.join(args.out, k + ".npy") for k in ("tokens", "labels", "done")}
-    if rank == 0 and not os.path.isfile(paths["done"]):
-        os.makedirs(args.out, exist_ok=True)
-        np.lib.format.open_memmap(paths["tokens"], "w+", np.uint16, (len(data), 2, h, h)).flush()
-        np.save(paths["labels"], data.labels.numpy())
-        json.dump({"vq": args.vq, "vq_ckpt": os.path.abspath(args.vq_ckpt), "image_size": args.image_size,
-                   "classes": data.classes}, open(os.path.join(args.out, "meta.json"), "w"), indent=1)
-        np.save(paths["done"], np.zeros(len(data), bool))
-    if world > 1:
-        torch.distributed.barrier()
-    return [np.load(paths[k], mmap_mode="r+") for k in ("tokens", "labels", "done")]
+    meta = {"vq": args.vq, "vq_ckpt": os.path.abspath(args.vq_ckpt), "image_size": args.image_size,
+            "classes": data.classes}
+    extract_tokens(data, tok, args.out, meta, args.batch_size, args.num_workers, rank, world, device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -235,7 +235,8 @@ MUTATIONS = [
     Mutation("folders_listed_as_images", "appendix.py", "ImageFolder.__init__", "and os.path.isfile(f)]", "]",
              IMAGES),
     # AdamW as built, and the --data defaults against App. C.
-    Mutation("adamw_no_weight_decay", "purr.py", "SETTINGS", "weight_decay=0.01", "weight_decay=0.0", SETTINGS),
+    Mutation("adamw_no_weight_decay", "purr.py", "SETTINGS", "weight_decay=0.01", "weight_decay=0.0",
+             SETTINGS),
     Mutation("adamw_betas", "purr.py", "SETTINGS", "beta2=0.999", "beta2=0.99", SETTINGS),
     Mutation("adamw_ignores_the_betas", "purr.py", "adamw", 'betas=(cfg["beta1"], cfg["beta2"])',
              "betas=(0.9, 0.99)", SETTINGS),
