@@ -569,13 +569,10 @@ def train(args):
     per_rank, n_micro = split_batch(batch, world, cfg["grad_accum"], cfg["micro_batch_size"])
     rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of the global batch
     layout = f"{world} process(es) x {n_micro} micro-batch(es) of {per_rank // n_micro} on {device}"
-    resumed = ckpt_path and (ckpt_path, step)
-    run = announce(cfg, model, data, tok, layout, resumed, changed) if rank == 0 else None
+    run = announce(cfg, model, data, tok, layout, ckpt_path, step, changed) if rank == 0 else None
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg["compile"] else net
-    plan = RankBatches(len(data), step, steps, batch, rank, world, cfg["seed"])
-    loader = torch.utils.data.DataLoader(data, batch_sampler=plan, collate_fn=collate,
-                                         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
+    loader = training_loader(cfg, data, step, rank, world, device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg["precision"] == "bf16")
     codebook, unreadable, last_saved = tok.codebook.to(device), Unreadable(data, world), ckpt_path
     log = Log(run, world, batch, step)
@@ -609,6 +606,13 @@ def train(args):
     if world > 1:
         torch.distributed.destroy_process_group()
     return run
+
+
+def training_loader(cfg, data, step, rank, world, device):
+    """This rank's share of every global batch from `step` on, in the seeded plan of appendix.RankBatches."""
+    plan = RankBatches(len(data), step, cfg["steps"], cfg["global_batch_size"], rank, world, cfg["seed"])
+    return torch.utils.data.DataLoader(data, batch_sampler=plan, collate_fn=collate,
+                                       num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
 
 
 def micro_batches(cfg, tok, x, y, step, rows, n):
@@ -740,14 +744,14 @@ def build_training(cfg, ckpt, path, device):
     return model, ema, opt, ckpt["step"]
 
 
-def announce(cfg, model, data, tok, layout, resumed, changed):
+def announce(cfg, model, data, tok, layout, ckpt_path, step, changed):
     """The run folder (a new one, or that of the resumed checkpoint) and the run's first line."""
-    run = (os.path.dirname(os.path.dirname(resumed[0])) if resumed
-           else new_run_dir(cfg["results_dir"], cfg["model"]))
+    run = os.path.dirname(os.path.dirname(ckpt_path)) if ckpt_path else new_run_dir(cfg["results_dir"],
+                                                                                   cfg["model"])
     print(f"purr train: {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
           f"{len(data)} images, tokenizer {tok.name} (K={cfg['codebook_size']}, d={cfg['latent_channels']}, "
           f"latent {cfg['latent_size']}x{cfg['latent_size']}), {layout}, {cfg['precision']}, run folder {run}"
-          + (f", resumed at step {resumed[1]}" if resumed else ""), flush=True)
+          + (f", resumed at step {step}" if ckpt_path else ""), flush=True)
     if changed:
         print("resume: " + ", ".join(changed), flush=True)
     return run
