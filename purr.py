@@ -8,9 +8,9 @@ mu = sum_k pi_k e_k (Eq. 13), pi = softmax(logits / tau) (Eq. 15), then decodes 
 
 Reading order: the DiT; Purrception (embed, interpolant, Eq. 14 in cross_entropy_z, Algorithm 1's loss in
 purr_loss, Eq. 12 and 15 in posterior, Eq. 13 in posterior_mean and purr_velocity, Algorithm 2 in
-algorithm2); the baselines; training (TRAIN_DEFAULTS, train); sampling (sample); then extract, bench and the
-command line. The plumbing around them (data and the batch plan, processes and signals, checkpoints, logs,
-image outputs) is in appendix.py.
+algorithm2); the baselines; training (SETTINGS and DEMO, train); sampling (sample); then extract, bench and
+the command line. The plumbing around them (data and the batch plan, processes and signals, checkpoints,
+logs, image outputs) is in appendix.py.
 
     python purr.py train                      # built-in demo data + tiny tokenizer, a few CPU minutes
     python purr.py sample --tau 0.8           # grid of samples from the newest checkpoint
