@@ -20,7 +20,7 @@ p.add_argument("--model", default="S/2")
 p.add_argument("--batch-size", type=int, default=8)
 p.add_argument("--cfg-scale", type=float, default=1.5)
 args = p.parse_args()
-a = {"model": args.model, "objective": "purr", "latent_size": 32, "latent_channels": 8,
+a = {**purr.SETTINGS, "model": args.model, "objective": "purr", "latent_size": 32, "latent_channels": 8,
      "codebook_size": 16384, "num_classes": 1000}
 model = purr.build_model(a).eval()
 codebook, B = torch.randn(16384, 8), args.batch_size
