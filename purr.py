@@ -649,10 +649,10 @@ def resolve_config(args, ckpt):
     differences without --data). On resume only RESUME_MAY_CHANGE may differ from the checkpoint; the changes
     are returned."""
     given = {k: v for k, v in vars(args).items() if k != "func"}
-    cfg = {**SETTINGS, **(DEMO if (ckpt["args"] if ckpt else given).get("data") is None else {})}
-    if ckpt:
-        cfg.update({k: v for k, v in saved_settings(ckpt).items() if k in SETTINGS})
-    changed = {k: v for k, v in given.items() if ckpt and k in SETTINGS and v != cfg[k]}
+    saved = {k: v for k, v in saved_settings(ckpt).items() if k in SETTINGS} if ckpt else {}
+    demo = saved.get("data", given.get("data")) is None
+    cfg = {**SETTINGS, **(DEMO if demo else {}), **saved}
+    changed = {k: v for k, v in given.items() if saved and k in SETTINGS and v != cfg[k]}
     k = next((k for k in changed if k not in RESUME_MAY_CHANGE), None)
     if k:
         raise PurrError(f"the checkpoint was trained with {flag(k)} {cfg[k]}, not {given[k]}: resume with "
