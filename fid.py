@@ -247,11 +247,20 @@ def load_inception(path=None, preprocess="fidelity"):
 # ----------------------------------------------------------------------------------------------
 # Image sources: (count, iterator of uint8 [B, 3, H, W] batches), checked before any network runs.
 
+def rgb(img):
+    """8-bit RGB. 16-bit and float greys (I;16, I, F) are scaled from 0..65535 and 0..1 first: PIL's
+    convert("RGB") clips them to white. A palette with transparency goes through RGBA, as PIL asks."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        scale = 255 if img.mode == "F" else 255 / 65535
+        img = Image.fromarray((np.asarray(img, np.float64) * scale).clip(0, 255).round().astype(np.uint8))
+    return img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else img.mode).convert("RGB")
+
+
 def center_crop(img, size):
     """ADM's center crop (guided-diffusion's center_crop_arr; purr's training crop is the same), RGB first:
     halve with a box filter while the image is at least 2x too large, bicubic to a short side of `size`, the
     center square."""
-    img = img.convert("RGB")
+    img = rgb(img)
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
     scale = size / min(img.size)
@@ -265,7 +274,7 @@ def _read_image(f, crop=None):
         with Image.open(f) as im:
             if crop:
                 return center_crop(im, crop)
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(rgb(im))
     except Exception as e:
         raise FIDError(f"{f}: cannot read image ({type(e).__name__})") from None
 

@@ -1217,11 +1217,14 @@ def test_16_bit_float_alpha_palette_and_cmyk_images_read_as_their_grey(tmp_path)
              "LA": Image.merge("LA", [grey, grey]), "P": palette, "CMYK": grey.convert("CMYK")}
     want = appendix.center_crop(grey, 32)
     for mode, im in modes.items():
-        assert im.mode == mode and np.abs(appendix.center_crop(im, 32).astype(int) - want).max() <= 1, mode
+        for crop in (appendix.center_crop, fid.center_crop):  # training's reading and FID's
+            assert im.mode == mode and np.abs(crop(im, 32).astype(int) - want).max() <= 1, (mode, crop)
     (tmp_path / "grey" / "folder.png").mkdir(parents=True)
     modes["I;16"].save(tmp_path / "grey" / "ramp.png")  # PNG keeps the 16 bits
     data = appendix.ImageFolder(str(tmp_path), 32)
     assert len(data) == 1 and abs(data[(0, 0)][0].float().mean().item() - 127.5) < 1
+    n, batches = fid.images(str(tmp_path / "grey"), 4)  # an uncropped folder, as fid.py reads it
+    assert n == 1 and abs(next(batches).float().mean().item() - 127.5) < 1
 
 
 @pytest.mark.parametrize("module, never", [("vq", ("fid", "purr")), ("fid", ("vq", "purr", "appendix")),
