@@ -15,8 +15,9 @@ if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     nccl=(--steps 10 --precision bf16 --log-every 5 --demo-size 2000)
 else
     echo "no GPU: the reduced CPU version" >&2
-    bench=(--model T/2 --latent-size 8 --codebook-size 256 --batch-size 16 --steps 3 --warmup 1 --precision fp32)
-    samp=(--model T/2 --latent-size 8 --codebook-size 256 --batch-size 16 --sample --cfg-scale 1.5 --steps 4 --warmup 1 --precision fp32)
+    small=(--model T/2 --latent-size 8 --codebook-size 256 --batch-size 16 --precision fp32)
+    bench=("${small[@]}" --steps 3 --warmup 1)
+    samp=("${small[@]}" --sample --cfg-scale 1.5 --steps 4 --warmup 1)
     demo=(--steps 30 --log-every 10 --demo-size 2000 --precision fp32)
     nccl=(--steps 10 --log-every 5 --demo-size 2000 --precision fp32)
 fi
@@ -33,8 +34,11 @@ check() {  # name, log file, command...: one table row with the line that matter
 echo "| check | status | result |"
 echo "|---|---|---|"
 PATTERN="ms/step" check "bench train eager" "$out/bench.log" python purr.py bench "${bench[@]}"
-PATTERN="ms/step" check "bench train compiled" "$out/bench_compiled.log" python purr.py bench "${bench[@]}" --compile
+PATTERN="ms/step" check "bench train compiled" "$out/bench_compiled.log" \
+    python purr.py bench "${bench[@]}" --compile
 PATTERN="NFE/s" check "bench sampling, cfg 1.5" "$out/bench_sample.log" python purr.py bench "${samp[@]}"
-PATTERN="^step " check "demo train (final loss)" "$out/demo.log" python purr.py train "${demo[@]}" --results-dir "$out/demo"
+PATTERN="^step " check "demo train (final loss)" "$out/demo.log" \
+    python purr.py train "${demo[@]}" --results-dir "$out/demo"
 PATTERN="^step " check "torchrun 1 process, 10 steps" "$out/torchrun.log" \
-    python -m torch.distributed.run --standalone --nproc_per_node=1 purr.py train "${nccl[@]}" --results-dir "$out/ddp"
+    python -m torch.distributed.run --standalone --nproc_per_node=1 purr.py train "${nccl[@]}" \
+    --results-dir "$out/ddp"
