@@ -237,8 +237,8 @@ class CrossEntropyZ(torch.autograd.Function):
     def forward(ctx, logits, c, chunk):
         acc = torch.promote_types(logits.dtype, torch.float32)  # accumulate in fp32 at least
         # log pi_c from log_softmax (one fused pass; logsumexp takes several); log Z = logit_c - log pi_c.
-        ce = -torch.cat([torch.log_softmax(l.to(acc), 1).gather(1, cc[:, None])[:, 0]
-                         for l, cc in zip(logits.split(chunk), c.split(chunk))])
+        ce = -torch.cat([torch.log_softmax(part.to(acc), 1).gather(1, codes[:, None])[:, 0]
+                         for part, codes in zip(logits.split(chunk), c.split(chunk))])
         log_z = logits.gather(1, c[:, None])[:, 0].to(acc) + ce
         ctx.save_for_backward(logits, c, log_z)
         ctx.chunk = chunk
@@ -270,14 +270,15 @@ def cross_entropy_z(logits, c, z_weight=1e-5, chunk=8192):
 
 
 def purr_loss(model, batch, codebook, z_weight):
-    """Algorithm 1 on a batch: z_1 = e_c, z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14).
+    """Algorithm 1 on a batch (its z_0 ~ N(0, I) and t ~ U(0, 1) from draw_noise): z_1 = e_c,
+    z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14).
     The logits stay in token order; the codes are put in the same order."""
     logits = model(interpolant(batch.z0, embed(codebook, batch.c), batch.t), batch.t, batch.y)
     ce, zloss = cross_entropy_z(logits, patchify(batch.c, math.isqrt(logits.shape[2])), z_weight)
     return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
 
 
-POSITIONS_PER_CHUNK = 4096  # rows of logits turned into fp32 at once by posterior_mean and entropy
+POSITIONS_PER_CHUNK = 4096  # rows of logits turned into fp32 at once by posterior_mean, entropy, draw_codes
 
 
 def posterior(logits, tau):
@@ -292,7 +293,7 @@ def posterior_mean(logits, codebook, tau):
     at K = 16384 has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
     flat = logits.reshape(-1, logits.shape[-1])
     with torch.autocast(logits.device.type, enabled=False), vqlib.full_fp32():
-        mu = torch.cat([posterior(l, tau) @ codebook.float() for l in flat.split(POSITIONS_PER_CHUNK)])
+        mu = torch.cat([posterior(part, tau) @ codebook.float() for part in flat.split(POSITIONS_PER_CHUNK)])
     return mu.view(*logits.shape[:-1], -1)
 
 
@@ -354,7 +355,7 @@ def integrate(v, z0, T, method):
 def entropy(logits, tau):
     """Per-position entropy of pi = softmax(logits / tau): the model's uncertainty about the code."""
     flat = logits.reshape(-1, logits.shape[-1])
-    logp = (torch.log_softmax(l.float() / tau, -1) for l in flat.split(POSITIONS_PER_CHUNK))
+    logp = (torch.log_softmax(part.float() / tau, -1) for part in flat.split(POSITIONS_PER_CHUNK))
     return torch.cat([-(lp.exp() * lp).sum(-1) for lp in logp]).view(logits.shape[:-1])
 
 
@@ -400,8 +401,8 @@ def draw_codes(logits, tau, u):
     """x ~ Cat(softmax(logits / tau)) at every position by the inverse CDF of uniforms u [...]: the draw is a
     function of u, so each image's codes come from its own generator. In fp32 chunks, as posterior_mean."""
     flat, u = logits.reshape(-1, logits.shape[-1]), u.reshape(-1, 1)
-    x = torch.cat([torch.searchsorted(posterior(l, tau).cumsum_(-1), v, right=True)
-                   for l, v in zip(flat.split(POSITIONS_PER_CHUNK), u.split(POSITIONS_PER_CHUNK))])
+    x = torch.cat([torch.searchsorted(posterior(part, tau).cumsum_(-1), v, right=True)
+                   for part, v in zip(flat.split(POSITIONS_PER_CHUNK), u.split(POSITIONS_PER_CHUNK))])
     return x.clamp_(max=flat.shape[-1] - 1).view(logits.shape[:-1])  # u past the rounded total: the last code
 
 
@@ -474,11 +475,12 @@ def tau_schedule(kind, tau, tau_end=None):
 
 # Every setting of a run, with the defaults of a run on --data: the paper's recipe (App. C, and App. D's
 # z-loss), with four choices of the authors' code. `purr.py train --help` shows each flag's default and
-# the demo's; a checkpoint stores every value, and a resumed run takes them from it (flags given override).
+# the demo's; a checkpoint stores every value, and a resumed run takes them from it (RESUME_MAY_CHANGE below).
 SETTINGS = dict(
     # the model and the objective (App. C, D), DiT's label dropout (for guidance)
     model="S/2", objective="purr", z_loss=1e-5, class_dropout=0.1,
-    # optimisation (App. C): AdamW at a constant lr, batch 256, EMA 0.9999
+    # optimisation (App. C): AdamW at a constant lr, batch 256, EMA 0.9999; the length is ours (the paper's
+    # runs: 1M to 3.5M steps)
     steps=400_000, global_batch_size=256, lr=1e-4, warmup=0, decay=0.0,
     weight_decay=0.01, beta1=0.9, beta2=0.999, adam_eps=1e-6, ema_decay=0.9999,
     # the authors' code: time input t (DiT's 1000 t), torch_ema's warm-up, clipping, t ~ U(t_min, 1)
@@ -515,14 +517,14 @@ def learning_rate(cfg, step):
     return lr
 
 
-def train_step(model, opt, micro_batches, objective, codebook, z_weight, autocast, max_grad_norm=0.0):
+def train_step(model, opt, micro, objective, codebook, z_weight, autocast, max_grad_norm=0.0):
     """One AdamW update from equal micro-batches (Batch) that together are this process's share of the
     global batch: the gradients of loss / N add up to the big batch's, and DDP all-reduces them once, on
     the last micro-batch (no_sync on the others). The global gradient norm (before clipping it to
     max_grad_norm, if > 0) is returned with the losses as `grad_norm`."""
     opt.zero_grad(set_to_none=True)
-    n, totals = len(micro_batches), {}
-    for i, batch in enumerate(micro_batches):
+    n, totals = len(micro), {}
+    for i, batch in enumerate(micro):
         with model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext():
             with autocast:
                 losses = OBJECTIVES[objective].loss(model, batch, codebook, z_weight)
@@ -565,8 +567,8 @@ def train(args):
     data, tok = open_data(cfg, device, ckpt_path)
     cfg.update(latent_shape(cfg, data, tok))
     model, ema, opt, step = build_training(cfg, ckpt, ckpt_path, device)
-    batch, steps = cfg["global_batch_size"], cfg["steps"]
-    per_rank, n_micro = split_batch(batch, world, cfg["grad_accum"], cfg["micro_batch_size"])
+    global_batch, steps = cfg["global_batch_size"], cfg["steps"]
+    per_rank, n_micro = split_batch(global_batch, world, cfg["grad_accum"], cfg["micro_batch_size"])
     rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of the global batch
     layout = f"{world} process(es) x {n_micro} micro-batch(es) of {per_rank // n_micro} on {device}"
     run = announce(cfg, model, data, tok, layout, ckpt_path, step, changed) if rank == 0 else None
@@ -575,7 +577,7 @@ def train(args):
     loader = training_loader(cfg, data, step, rank, world, device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg["precision"] == "bf16")
     codebook, unreadable, last_saved = tok.codebook.to(device), Unreadable(data, world), ckpt_path
-    log = Log(run, world, batch, step)
+    log = Log(run, world, global_batch, step)
     with stop_requests() as stop:
         for x, y, bad in loader:
             fresh = unreadable.fresh(bad)
@@ -625,14 +627,14 @@ def micro_batches(cfg, tok, x, y, step, rows, n):
     return [Batch(*m) for m in zip(*(v.chunk(n) for v in (c, y, z0, t, uniforms)))]
 
 
-def draw_noise(batch, rows, step, seed, size, d, class_dropout, device, t_min=0.0):
+def draw_noise(global_batch, rows, step, seed, size, d, class_dropout, device, t_min=0.0):
     """z_0, t ~ U(t_min, 1), label drops (and DFM's uniforms) of the whole global batch from (seed, step);
     each rank takes its rows, so the update does not depend on the number of processes or micro-batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    z0 = torch.randn(batch, d, size, size, generator=g)[rows]
-    t = t_min + (1 - t_min) * torch.rand(batch, generator=g)[rows]
-    drop = torch.rand(batch, generator=g)[rows] < class_dropout
-    uniforms = torch.rand(batch, size, size, generator=g)[rows]
+    z0 = torch.randn(global_batch, d, size, size, generator=g)[rows]
+    t = t_min + (1 - t_min) * torch.rand(global_batch, generator=g)[rows]
+    drop = torch.rand(global_batch, generator=g)[rows] < class_dropout
+    uniforms = torch.rand(global_batch, size, size, generator=g)[rows]
     return z0.to(device), t.to(device), drop.to(device), uniforms.to(device)
 
 
@@ -686,13 +688,15 @@ def open_data(cfg, device, resumed=None):
         tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
         return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
     if os.path.isfile(os.path.join(cfg["data"], "meta.json")):
-        return open_tokens(cfg["data"], cfg["vq_ckpt"], device)
+        return open_tokens(cfg, device)
     data = ImageFolder(cfg["data"], cfg["image_size"])  # first: a missing folder is the error to report
     return data, vqlib.load_tokenizer(cfg["vq"], cfg["vq_ckpt"]).to(device)
 
 
-def open_tokens(folder, vq_ckpt, device):
-    """A folder written by `purr.py extract`: memory-mapped tokens, no encoder in the training loop."""
+def open_tokens(cfg, device):
+    """A folder written by `purr.py extract`: memory-mapped tokens, no encoder in the training loop. Its
+    tokenizer is the one it was extracted with (--vq-ckpt: where that file is now), and so is the run's."""
+    folder = cfg["data"]
     meta = json.load(open(os.path.join(folder, "meta.json")))
     done = np.load(os.path.join(folder, "done.npy"), mmap_mode="r")
     if not done.all():
@@ -700,7 +704,8 @@ def open_tokens(folder, vq_ckpt, device):
                         "rerun the same 'purr.py extract' command to finish it")
     tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
     labels = np.load(os.path.join(folder, "labels.npy"))
-    tok = vqlib.load_tokenizer(meta["vq"], vq_ckpt or meta["vq_ckpt"]).to(device)
+    cfg.update(vq=meta["vq"], vq_ckpt=cfg["vq_ckpt"] or meta["vq_ckpt"])
+    tok = vqlib.load_tokenizer(cfg["vq"], cfg["vq_ckpt"]).to(device)
     return TokenFolder(tokens, labels, len(meta["classes"])), tok
 
 
@@ -782,9 +787,13 @@ def image_noise(seed, indices, d, size, device):
 def print_resume_command(cfg, step, last_saved, rank, world):
     """The command that resumes the run: the checkpoint holds every setting, so it needs no other flag."""
     if rank == 0:
-        launch = "python purr.py" if world == 1 else f"torchrun --nproc_per_node={world} purr.py"
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = f" --nnodes={world // per_node} --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT" \
+            if world > per_node else ""
+        launch = "python purr.py" if world == 1 else f"torchrun{nodes} --nproc_per_node={per_node} purr.py"
+        where = " (on every node)" if nodes else ""
         print(f"purr train: stopped by signal at step {step}/{cfg['steps']}, saved {last_saved}; resume "
-              f"with: {launch} train --resume {last_saved}", flush=True)
+              f"with: {launch} train --resume {last_saved}{where}", flush=True)
 
 
 # ==============================================================================================
@@ -809,7 +818,7 @@ def sample(args):
     for i in range(shard.start, shard.stop, args.batch_size):
         idx = range(i, min(i + args.batch_size, shard.stop))
         seeds, z0 = image_noise(args.seed, idx, d, size, device)
-        record = entropy_recorder(model, tau, args.entropy_t, entropies) if args.entropy_map else None
+        record = entropy_recorder(tau, args.entropy_t, entropies) if args.entropy_map else None
         c = sample_codes(net, tok, cfg["objective"], y[idx.start:idx.stop].to(device), z0, tau,
                          args.cfg_scale, args.num_steps, args.method, record, args.precision, seeds)
         images.append(vqlib.to_uint8(tok.decode(c)).cpu())
@@ -899,7 +908,7 @@ def sample_labels(args, cfg):
     if args.entropy_map and cfg["objective"] != "purr":
         raise PurrError(f"--entropy-map shows the entropy of Purrception's posterior over codes; this "
                         f"{cfg['objective']} checkpoint has none")
-    if not all(0 <= l < classes for l in labels):
+    if not all(0 <= label < classes for label in labels):
         raise PurrError(f"--class-labels must lie in [0, {classes - 1}]")
     n = args.num_samples or 8 * len(labels)
     y = torch.tensor(labels).repeat_interleave(math.ceil(n / len(labels)))[:n] if grid else \
@@ -917,15 +926,16 @@ def default_labels(classes, grid):
     return [i * (classes - 1) // 7 for i in range(8)]
 
 
-def entropy_recorder(model, tau, at, out):
+def entropy_recorder(tau, at, out):
     """An on_logits hook: appends to `out` the entropy of pi at the first evaluation with t >= at, in image
     order."""
-    seen = []
+    done = False
 
     def record(t, logits):
-        if not seen and t >= at:
-            seen.append(unpatchify(entropy(logits, temperature(tau, t))[..., None])[:, 0])
-            out.append(seen[0])
+        nonlocal done
+        if not done and t >= at:
+            out.append(unpatchify(entropy(logits, temperature(tau, t))[..., None])[:, 0])
+            done = True
     return record
 
 
@@ -959,7 +969,7 @@ def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
 
 
 # ==============================================================================================
-# Appendix: `purr.py extract` and `bench`, the command line. The rest of the plumbing (data and the batch
+# Commands: `purr.py extract` and `bench`, the command line. The rest of the plumbing (data and the batch
 # plan, processes and signals, checkpoints and logs, image outputs) is in appendix.py.
 
 # `purr.py extract`: encode an image folder once (the loop, resumable, is appendix.extract_tokens).

@@ -55,11 +55,11 @@ def assert_one_line_error(proc, *words):
 
 def train_cli(root, *flags, quick=False):
     """purr.py train in this process, into root; returns the run's folder. quick: 100 demo images in batches
-    of 8 and a 16-code tiny tokenizer fitted in 2 iterations (not DEMO_TOKENIZER's 256 codes in 25)."""
+    of 8 and a 16-code tiny tokenizer fitted in 2 iterations (not DEMO_TOKENIZER's 256 codes in 8)."""
     argv = ["train", "--results-dir", str(root), "--num-workers", "0"]
     with pytest.MonkeyPatch.context() as mp:
         if quick:
-            mp.setattr(vqlib, "fit_tiny", functools.partial(vqlib.fit_tiny, codebook_size=16, iters=2))
+            mp.setattr(purr, "DEMO_TOKENIZER", {**purr.DEMO_TOKENIZER, "codebook_size": 16, "iters": 2})
             argv += ["--demo-size", "100", "--global-batch-size", "8"]
         a = purr.parser().parse_args([*argv, *flags])
         return a.func(a)
@@ -1083,6 +1083,21 @@ def test_signal_in_train_finishes_the_step_saves_and_stops(interrupted_run):
 
 
 @pytest.mark.slow  # trains or starts torchrun
+def test_the_printed_resume_command_launches_as_the_run_was_launched(monkeypatch, capsys):
+    """One process: python; one node: torchrun with its processes; several nodes: per node, with the
+    rendezvous flags, to run on every node."""
+    nodes = "--nnodes=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT"
+    for world, per_node, want in ((1, 1, "with: python purr.py train --resume x.pt"),
+                                  (2, 2, "with: torchrun --nproc_per_node=2 purr.py train --resume x.pt"),
+                                  (32, 8, f"with: torchrun {nodes} --nproc_per_node=8 purr.py train --resume "
+                                          "x.pt (on every node)")):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
+        purr.print_resume_command({"steps": 9}, 5, "x.pt", 0, world)
+        assert capsys.readouterr().out.strip().endswith(want)
+    purr.print_resume_command({"steps": 9}, 5, "x.pt", 1, 2)  # rank 0 alone prints it
+    assert capsys.readouterr().out == ""
+
+
 def test_sigterm_saves_exits_0_and_the_printed_resume_equals_no_interruption(tmp_path):
     """The resume command train prints after a signal needs nothing but the checkpoint: the demo's size and
     tiny tokenizer come back from it (else a refitted tokenizer on the default 10,000 images would train)."""
@@ -1315,6 +1330,27 @@ def test_extract_tokens_equal_direct_encoding_and_train_the_same(image_folder, t
                         "--log-every", "1")
         first.append(json.loads(open(os.path.join(run, "log.jsonl")).readline())["loss"])
     assert first[0] == pytest.approx(first[1], rel=1e-6)
+
+
+@pytest.mark.slow  # trains
+def test_a_token_folder_trains_and_samples_with_the_tokenizer_it_was_extracted_with(official, image_folder,
+                                                                                     tmp_path, monkeypatch):
+    """`train --data TOKENS` needs no tokenizer flag: the run and its checkpoints take the folder's (here
+    LlamaGen's layout at width 32), and `sample` finds it again."""
+    path, golden = official("seeded", "llamagen-vq-ds8")
+    real = vqlib.load_tokenizer
+    monkeypatch.setattr(vqlib, "load_tokenizer", lambda name, ckpt: real(name, ckpt, **golden["config"]))
+    tokens = str(tmp_path / "tok")
+    purr.main(["extract", "--data", str(image_folder / "data"), "--vq", "llamagen-vq-ds8", "--vq-ckpt", path,
+               "--out", tokens, "--image-size", "32", "--num-workers", "0"])
+    train_cli(tmp_path, "--data", tokens, "--model", "N/1", "--steps", "1", "--global-batch-size", "4")
+    ckpt = final_state(tmp_path)
+    assert ckpt["vq"] == {"name": "llamagen-vq-ds8", "ckpt": os.path.abspath(path)}
+    assert (ckpt["args"]["vq"], ckpt["args"]["codebook_size"], ckpt["args"]["latent_size"]) == \
+        ("llamagen-vq-ds8", 16384, 4)
+    purr.main(["sample", "--results-dir", str(tmp_path), "--num-steps", "2", "--num-samples", "2",
+               "--class-labels", "0", "--out", str(tmp_path / "grid.png")])
+    assert Image.open(tmp_path / "grid.png").size == (2 + 2 * 34, 2 + 34)
 
 
 @pytest.mark.slow  # trains or starts torchrun
