@@ -2,8 +2,7 @@
 
 Data (the built-in demo images, image and token folders, `extract`'s loop, the seeded batch plan), processes
 (precision, torchrun, signals), checkpoints and logs, and image outputs (grids, entropy maps, ADM sample
-batches). Nothing here knows the method or the tokenizers; vq.py takes its image crop and extensions from
-here.
+batches). Nothing here knows the method or the tokenizers; vq.py takes its image crop from here.
 """
 import contextlib
 import ctypes
@@ -103,7 +102,7 @@ def to_rgb(img):
 
 
 def center_crop(img, size):
-    """ADM's center crop, purr's training crop (also vq.py's recon and fid.py's --center-crop): to
+    """ADM's center crop, purr's training crop (also vq.py's recon; fid.py has its own, equal): to
     RGB first (to_rgb; PIL resizes palette images nearest-neighbour), halve with a box filter while the image
     is at least 2x too large, resize bicubic so the short side is `size`, cut the center square."""
     img = to_rgb(img)
@@ -194,18 +193,18 @@ class RankBatches(torch.utils.data.Sampler):
     """This rank's slice of every global batch from step `start` on, as lists of (index, flip)."""
 
     def __init__(self, n, start, steps, global_batch, rank, world, seed):
-        self.n, self.start, self.steps, self.G, self.seed = n, start, steps, global_batch, seed
+        self.n, self.start, self.steps, self.global_batch, self.seed = n, start, steps, global_batch, seed
         self.rank, self.world = rank, world
 
     def __len__(self):
         return self.steps - self.start
 
     def __iter__(self):
-        b = self.G // self.world
+        per_rank = self.global_batch // self.world
+        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         for step in range(self.start, self.steps):
-            idx, flip = global_batch_plan(self.n, step, self.G, self.seed)
-            mine = slice(self.rank * b, (self.rank + 1) * b)
-            yield list(zip(idx[mine].tolist(), flip[mine].tolist()))
+            idx, flip = global_batch_plan(self.n, step, self.global_batch, self.seed)
+            yield list(zip(idx[rows].tolist(), flip[rows].tolist()))
 
 
 def collate(items):
@@ -214,17 +213,17 @@ def collate(items):
     return torch.stack(x), torch.stack(y), [b for part in bad for b in part]
 
 
-def split_batch(G, world, grad_accum, micro_batch_size):
-    """(this process's share, micro-batches per step) of the global batch G."""
-    if G % world:
-        raise PurrError(f"--global-batch-size {G} is not divisible by the {world} processes")
-    b = G // world
-    n = b // micro_batch_size if micro_batch_size else grad_accum
-    if n < 1 or b % n or (micro_batch_size and b % micro_batch_size):
+def split_batch(global_batch, world, grad_accum, micro_batch_size):
+    """(this process's share, micro-batches per step) of the global batch."""
+    if global_batch % world:
+        raise PurrError(f"--global-batch-size {global_batch} is not divisible by the {world} processes")
+    per_rank = global_batch // world
+    n = per_rank // micro_batch_size if micro_batch_size else grad_accum
+    if n < 1 or per_rank % n or (micro_batch_size and per_rank % micro_batch_size):
         parts = f"micro-batches of {micro_batch_size}" if micro_batch_size else f"{n} equal micro-batches"
-        raise PurrError(f"--global-batch-size {G} on {world} process(es) is {b} per process, "
-                        f"which does not split into {parts}; choose a divisor")
-    return b, n
+        raise PurrError(f"--global-batch-size {global_batch} on {world} process(es) is {per_rank} per "
+                        f"process, which does not split into {parts}; choose a divisor")
+    return per_rank, n
 
 
 class Unreadable:
@@ -447,8 +446,9 @@ def tokenizer_spec(tok, cfg):
 class Log:
     """Mean losses over ranks and steps since the last line; a line on stdout and in log.jsonl (rank 0)."""
 
-    def __init__(self, run, world, G, step):
-        self.run, self.world, self.G, self.last, self.sums, self.t0 = run, world, G, step, 0, time.time()
+    def __init__(self, run, world, global_batch, step):
+        self.run, self.world, self.global_batch = run, world, global_batch
+        self.last, self.sums, self.t0 = step, 0, time.time()
 
     def add(self, step, losses, unreadable, final):
         self.sums = self.sums + torch.stack(list(losses.values()))
@@ -458,8 +458,8 @@ class Log:
             torch.distributed.all_reduce(self.sums)
         dt, n = time.time() - self.t0, step - self.last
         means = (self.sums / (self.world * n)).tolist()
-        rec = {"step": step, **dict(zip(losses, means)), "images": step * self.G,
-               "steps_per_s": n / dt, "images_per_s": self.G * n / dt, "unreadable": unreadable}
+        rec = {"step": step, **dict(zip(losses, means)), "images": step * self.global_batch,
+               "steps_per_s": n / dt, "images_per_s": self.global_batch * n / dt, "unreadable": unreadable}
         if self.run:
             print("  ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
             with open(os.path.join(self.run, "log.jsonl"), "a") as f:

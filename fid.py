@@ -247,7 +247,7 @@ def load_inception(path=None, preprocess="fidelity"):
 # ----------------------------------------------------------------------------------------------
 # Image sources: (count, iterator of uint8 [B, 3, H, W] batches), checked before any network runs.
 
-def rgb(img):
+def to_rgb(img):
     """8-bit RGB. 16-bit and float greys (I;16, I, F) are scaled from 0..65535 and 0..1 first: PIL's
     convert("RGB") clips them to white. A palette with transparency goes through RGBA, as PIL asks."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
@@ -260,7 +260,7 @@ def center_crop(img, size):
     """ADM's center crop (guided-diffusion's center_crop_arr; purr's training crop is the same), RGB first:
     halve with a box filter while the image is at least 2x too large, bicubic to a short side of `size`, the
     center square."""
-    img = rgb(img)
+    img = to_rgb(img)
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
     scale = size / min(img.size)
@@ -274,7 +274,7 @@ def _read_image(f, crop=None):
         with Image.open(f) as im:
             if crop:
                 return center_crop(im, crop)
-            return np.asarray(rgb(im))
+            return np.asarray(to_rgb(im))
     except Exception as e:
         raise FIDError(f"{f}: cannot read image ({type(e).__name__})") from None
 

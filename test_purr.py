@@ -1245,8 +1245,8 @@ def test_16_bit_float_alpha_palette_and_cmyk_images_read_as_their_grey(tmp_path)
 @pytest.mark.parametrize("module, never", [("vq", ("fid", "purr")), ("fid", ("vq", "purr", "appendix")),
                                            ("appendix", ("vq", "fid", "purr"))])
 def test_dependencies_run_one_way(module, never):
-    """The tokenizers, FID and the plumbing stand alone: vq.py takes its crop and image extensions from
-    appendix.py, which knows nothing of the method; fid.py has its own."""
+    """The tokenizers, FID and the plumbing stand alone: vq.py takes its crop from appendix.py, which knows
+    nothing of the method; fid.py has its own."""
     code = f"import sys, {module}; print(' '.join(m for m in {never!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
                          check=True).stdout
