@@ -360,21 +360,21 @@ def build_tokenizer(name, **overrides):
     """`name` with random weights (for tests and benchmarks); load_tokenizer fills in a file's."""
     if name not in CONFIGS:
         raise TokenizerError(f"unknown tokenizer {name!r}; choose one of {', '.join([*CONFIGS, 'tiny'])}")
-    cfg = dict(CONFIGS[name])
+    arch = dict(CONFIGS[name])
     for key, value in overrides.items():
         key = ALIASES[name].get(key, key)
-        if key not in cfg:
-            raise TokenizerError(f"{name} has no setting {key!r}; it has {', '.join(cfg)}")
-        cfg[key] = value
-    n = len(cfg["ch_mult"])
+        if key not in arch:
+            raise TokenizerError(f"{name} has no setting {key!r}; it has {', '.join(arch)}")
+        arch[key] = value
+    n = len(arch["ch_mult"])
     if name == "sd-vq-f8":  # attention wherever the level's nominal resolution is listed
-        return VQModel(name, SD_LAYOUT, cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"],
-                       {i for i in range(n) if cfg["resolution"] // 2 ** i in cfg["attn_resolutions"]},
-                       cfg["z_channels"], cfg["embed_dim"], cfg["n_embed"], l2_norm=False)
-    return VQModel(name, LLAMAGEN_LAYOUT, cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"],
+        return VQModel(name, SD_LAYOUT, arch["ch"], arch["ch_mult"], arch["num_res_blocks"],
+                       {i for i in range(n) if arch["resolution"] // 2 ** i in arch["attn_resolutions"]},
+                       arch["z_channels"], arch["embed_dim"], arch["n_embed"], l2_norm=False)
+    return VQModel(name, LLAMAGEN_LAYOUT, arch["ch"], arch["ch_mult"], arch["num_res_blocks"],
                    {n - 1},  # deepest level
-                   cfg["z_channels"], cfg["codebook_embed_dim"], cfg["codebook_size"],
-                   cfg["codebook_l2_norm"])
+                   arch["z_channels"], arch["codebook_embed_dim"], arch["codebook_size"],
+                   arch["codebook_l2_norm"])
 
 
 class _Inert:
