@@ -796,7 +796,7 @@ def test_train_sample_every_writes_ema_grids_of_the_same_noise_and_labels(tmp_pa
         drawn.append((y.clone(), z0.clone()))
         return sample_codes(model, tok, objective, y, z0, *args, **kw)
     monkeypatch.setattr(purr, "sample_codes", recording)
-    run = train_cli(tmp_path, "--steps", "4", "--sample-every", "2", "--ema-decay", "0", "--lr", "1e-2",
+    run = train_cli(tmp_path, "--steps", "4", "--sample-every", "2", "--ema-decay", "0", "--lr", "3e-2",
                     quick=True)
     grids = sorted(Path(run, "samples").iterdir())
     assert [g.name for g in grids] == ["0000002.png", "0000004.png"] and len(drawn) == 2
