@@ -253,7 +253,9 @@ def to_rgb(img):
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         scale = 255 if img.mode == "F" else 255 / 65535
         img = Image.fromarray((np.asarray(img, np.float64) * scale).clip(0, 255).round().astype(np.uint8))
-    return img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else img.mode).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
 
 
 def center_crop(img, size):
