@@ -331,10 +331,39 @@ def keep_freed_memory():
     libc.mallopt(M_TOP_PAD, 64 << 20)
 
 
+def tf32(enabled=None):
+    """Whether CUDA's fp32 matrix products and convolutions run in TF32, as a pair (matmul, conv); with
+    `enabled` (a bool, or such a pair) set first, and the pair from before returned, so that tf32(before)
+    restores it. Through the fp32_precision settings where torch has them (2.9 on): it deprecates the
+    allow_tf32 flags, and raises when a process mixes the two."""
+    new = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn.conv if new else torch.backends.cudnn)
+    before = tuple(f.fp32_precision == "tf32" if new else f.allow_tf32 for f in flags)
+    if enabled is not None:
+        for f, on in zip(flags, (enabled, enabled) if isinstance(enabled, bool) else enabled):
+            if new:
+                f.fp32_precision = "tf32" if on else "ieee"
+            else:
+                f.allow_tf32 = on
+    return before
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """fp32 matrix products and convolutions in full fp32 inside, whatever TF32 is outside (purr turns it
+    on for the DiT): TF32's 10-bit mantissa would break the tokenizers' near-ties, move mu and Inception's
+    features."""
+    before = tf32(False)
+    try:
+        yield
+    finally:
+        tf32(before)
+
+
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes); NCCL on GPUs, gloo on CPUs.
     TF32 matmuls for fp32 work on GPUs (train and sample alike)."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    tf32(True)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()

@@ -11,7 +11,6 @@ agree); sFID, precision and recall are ADM's evaluator's (guided-diffusion evalu
 KID are torch-fidelity's.
 """
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -25,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
+
+from appendix import full_fp32
 
 WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name
 WEIGHTS_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the same file
@@ -181,9 +182,7 @@ class InceptionV3(nn.Module):
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise FIDError(f"expected uint8 images [N, 3, H, W], got {x.dtype} {list(x.shape)}")
         # TF32 convolutions (default on Ampere and later) would move the features by ~1e-3
-        no_tf32 = (torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if x.is_cuda
-                   else contextlib.nullcontext())
-        with no_tf32:
+        with full_fp32():
             x = chain(self.normalize(x), self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
             x = chain(F.max_pool2d(x, 3, 2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
             x = chain(F.max_pool2d(x, 3, 2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
@@ -193,8 +192,8 @@ class InceptionV3(nn.Module):
             # batches.
             spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
             pool = chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c).mean((2, 3))
-        # the fc without its bias: ADM's softmax/logits/MatMul, torch-fidelity's logits_unbiased
-        return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.weight.T}
+            # the fc without its bias: ADM's softmax/logits/MatMul, torch-fidelity's logits_unbiased
+            return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.weight.T}
 
 
 # ----------------------------------------------------------------------------------------------

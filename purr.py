@@ -37,9 +37,9 @@ import fid
 import vq as vqlib
 from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder,
                       Unreadable, checkpoint_paths, collate, default_precision, demo_dataset, extract_tokens,
-                      heat_map, keep_freed_memory, load_checkpoint, new_run_dir, peak_memory, save_grid,
-                      save_run, setup_distributed, split_batch, stop_requests, sum_over_ranks, timed, to_unit,
-                      write_adm_npz)
+                      full_fp32, heat_map, keep_freed_memory, load_checkpoint, new_run_dir, peak_memory,
+                      save_grid, save_run, setup_distributed, split_batch, stop_requests, sum_over_ranks,
+                      tf32, timed, to_unit, write_adm_npz)
 
 
 # ==============================================================================================
@@ -292,7 +292,7 @@ def posterior_mean(logits, codebook, tau):
     In full fp32 whatever the autocast or TF32 setting, and by chunks of positions: a guided XL/2 batch of 64
     at K = 16384 has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
     flat = logits.reshape(-1, logits.shape[-1])
-    with torch.autocast(logits.device.type, enabled=False), vqlib.full_fp32():
+    with torch.autocast(logits.device.type, enabled=False), full_fp32():
         mu = torch.cat([posterior(part, tau) @ codebook.float() for part in flat.split(POSITIONS_PER_CHUNK)])
     return mu.view(*logits.shape[:-1], -1)
 
@@ -998,7 +998,7 @@ def bench(args):
     """Training: ms per step (forward + backward + AdamW) with the FLOP count and MFU. With --sample:
     sampling throughput with guidance (a 50k FID run's size). Both report peak memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    tf32(True)
     cfg = {**SETTINGS, "model": args.model, "objective": args.objective, "latent_size": args.latent_size,
            "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
     model = build_model(cfg).to(device)

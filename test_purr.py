@@ -150,17 +150,26 @@ class Fixed(torch.nn.Module):
 
 
 class TF32Seen(TorchDispatchMode):
-    """Records torch.backends.cuda.matmul.allow_tf32 at every matrix product run inside: the CPU never uses
-    TF32, so the setting is observed, not its effect."""
+    """Records whether TF32 is on (appendix.tf32) at every matrix product and convolution run inside: the
+    CPU never uses TF32, so the setting is observed, not its effect."""
+    CONV = (torch.ops.aten.convolution, torch.ops.aten.cudnn_convolution)
 
     def __init__(self):
         super().__init__()
         self.products = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.matmul):  # matmul: under inference_mode
-            self.products.append(torch.backends.cuda.matmul.allow_tf32)
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.matmul, *self.CONV):  # matmul: inference
+            self.products.append(appendix.tf32()[func.overloadpacket in self.CONV])
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 on globally inside the test (purr's GPU setting), restored after."""
+    before = appendix.tf32(True)
+    yield
+    appendix.tf32(before)
 
 
 def smooth_images(n, size, seed=0):
@@ -435,16 +444,32 @@ def test_guided_sampling_is_the_formula_on_the_in_place_path():
     assert torch.allclose(got, mu, atol=1e-5)
 
 
-def test_mu_is_full_fp32_under_bf16_autocast_and_global_tf32(monkeypatch):
+def test_mu_is_full_fp32_under_bf16_autocast_and_global_tf32(tf32_on):
     """mu = pi E is a full fp32 product: not bf16 under autocast, nor TF32 with TF32 on globally (purr's GPU
     setting); the global setting comes back after."""
     logits, codebook = (3 * torch.randn(2, 3, 3, 64)).bfloat16(), torch.randn(64, 4)
     want = torch.softmax(logits.double() / 0.8, -1) @ codebook.double()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     with torch.autocast("cpu", torch.bfloat16), TF32Seen() as seen:
         mu = purr.posterior_mean(logits, codebook, 0.8)
     assert mu.dtype == torch.float32 and torch.allclose(mu.double(), want, atol=1e-5)
-    assert seen.products and not any(seen.products) and torch.backends.cuda.matmul.allow_tf32
+    assert seen.products and not any(seen.products) and appendix.tf32() == (True, True)
+
+
+def test_tf32_is_set_and_read_through_the_api_the_installed_torch_has():
+    """appendix.tf32 sets both flags, returns the state before, and restores it; on a torch with the
+    fp32_precision settings it never touches the deprecated allow_tf32 flags, which raise when a process
+    mixes the two APIs (a user's or a library's settings beside purr's)."""
+    before = appendix.tf32((True, False))
+    try:
+        assert appendix.tf32() == (True, False) and appendix.tf32(False) == (True, False)
+        assert appendix.tf32() == (False, False)
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "tf32"  # another library, on the current API
+            assert appendix.tf32() == (True, False)
+            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        appendix.tf32(before)
+    assert appendix.tf32() == before
 
 
 def test_guided_bf16_sampling_keeps_one_K_wide_tensor_and_fp32_state(monkeypatch):
@@ -1689,17 +1714,16 @@ def test_tiny_round_trip_and_reload(tmp_path):
         vqlib.load_tokenizer("tiny")
 
 
-def test_nearest_codes_are_found_in_full_fp32_whatever_tf32(monkeypatch):
+def test_nearest_codes_are_found_in_full_fp32_whatever_tf32(tf32_on):
     """Every quantizer path (encode and quantize of the tiny and the official tokenizers: training's encode
     and sampling's last quantize) finds its nearest code with TF32 off, even with TF32 on globally (purr's GPU
     setting), and the global setting comes back after."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     x = smooth_images(2, 16)
     for tok in (vqlib.fit_tiny(x, codebook_size=16, iters=2), vqlib.build_tokenizer("sd-vq-f8", ch=32)):
         with TF32Seen() as seen:
             tok.quantize(tok.embed(tok.encode(x)))
         assert len(seen.products) >= 2 and not any(seen.products), tok.name
-        assert torch.backends.cuda.matmul.allow_tf32
+        assert appendix.tf32() == (True, True)
 
 
 @pytest.mark.parametrize("name", [*TOKENIZERS, "inception"])
@@ -1975,6 +1999,15 @@ def test_fid_features_match_torch_fidelity_and_pytorch_fid(official, size, sourc
         assert (ours[p] - ref[p]).abs().max() < 1e-4, p
     # the two preprocessings differ by far more than the tolerance: the check above tells them apart
     assert (ours["fidelity"] - ref["pytorch-fid"]).abs().max() > 1e-3
+
+
+def test_fid_inception_runs_in_full_fp32_whatever_tf32(official, tf32_on):
+    """Inception's convolutions and its logits' product run with TF32 off, with TF32 on globally (a purr run
+    on a GPU); the global setting comes back after."""
+    images = official("seeded", "inception")[1]["images_uint8_64"][:2]
+    with TF32Seen() as seen:
+        fid_model(official("seeded", "inception")[0], "fidelity")(images)
+    assert len(seen.products) > 90 and not any(seen.products) and appendix.tf32() == (True, True)
 
 
 @pytest.mark.parametrize("source", SOURCES)

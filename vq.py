@@ -16,7 +16,6 @@ demo tokenizer from a purr checkpoint. Check a download with
 """
 import argparse
 import ast
-import contextlib
 import functools
 import os
 import pickle
@@ -29,21 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from appendix import full_fp32
+
 
 class TokenizerError(ValueError):
     """A tokenizer file that is missing or is not the one asked for; the message is one line."""
-
-
-@contextlib.contextmanager
-def full_fp32():
-    """fp32 matrix products in full fp32 inside, whatever torch.backends.cuda.matmul.allow_tf32 says outside
-    (purr turns TF32 on for the DiT): TF32's 10-bit mantissa would break near-ties unlike the originals."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @full_fp32()
