@@ -2178,11 +2178,17 @@ def test_miniature_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     miniature.main(["--smoke", "--seeds", "0", "1", "--steps", "4", "--eval-every", "2", "--work",
                     str(tmp_path / "runs"), "--out", str(out), "--classifier", str(tmp_path / "clf.pt")])
-    tables = {name: list(csv.DictReader(open(out / f"miniature_{name}.csv")))
-              for name in ("convergence", "steps", "guidance", "temperature", "tau_schedule")}
+    names = ("convergence", "steps", "guidance", "temperature", "tau_schedule", "learning_rate")
+    tables = {name: list(csv.DictReader(open(out / f"miniature_{name}.csv"))) for name in names}
     conv = [r for r in tables["convergence"] if r["seed"]]
     assert {(r["seed"], r["objective"], r["step"]) for r in conv} == {
         (str(s), o, str(k)) for s in (0, 1) for o in purr.OBJECTIVES for k in (2, 4)}
+    lrs = {(r["objective"], float(r["lr"])): float(r["fd"]) for r in tables["learning_rate"]}
+    assert set(lrs) == {(o, lr) for o in purr.OBJECTIVES for lr in (3e-3, 1e-2)}
+    for r in conv:  # every objective trains at the learning rate of its lowest FD, on N/2
+        assert min((fd, lr) for (o, lr), fd in lrs.items() if o == r["objective"])[1] == float(r["lr"])
+        assert r["model"] == "N/2"
+    assert {r["commit"] for t in tables.values() for r in t} == {miniature.COMMIT}
     assert {r["num_steps"] for r in tables["steps"] if r["method"] == "euler"} == {"2", "4"}
     assert {r["train_steps"] for r in tables["temperature"]} == {"4", "8"}
     assert all(float(r["fd"]) > 0 for t in tables.values() for r in t)

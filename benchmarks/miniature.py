@@ -1,24 +1,31 @@
 """The paper's experiments in miniature, on the built-in demo data, with error bars over seeds:
 
-  convergence (Fig. 3)  purr, cfm, cfm-endpoint and dfm, each trained with the demo's recipe from every seed
-                        (one tokenizer per seed, shared by the objectives); demo FD and class accuracy
-                        (benchmarks/demo_metric.py) at every checkpoint, mean and spread over seeds.
+  learning rates        each objective at each of LRS (seed 0): the demo's 3e-3 was tuned for purr, so
+                        every objective then trains at its own best.
+  convergence (Fig. 3)  purr, cfm, cfm-endpoint and dfm, each trained with the demo's recipe at its best
+                        learning rate from every seed (one tokenizer per seed, shared by the objectives);
+                        demo FD and class accuracy (benchmarks/demo_metric.py) at every checkpoint, mean and
+                        spread over seeds. On N/2 by default: 4 latent positions per token, as the paper's
+                        patch 2 (the demo's N/4 has 16, which cripples CFM's velocity regression).
   steps                 the final purr, cfm and dfm checkpoints sampled with 4..100 Euler steps (purr also
                         with the midpoint rule at equal network evaluations); seconds per 100 samples.
-  guidance              purr at CFG scales 1..3, tau at its best.
+  guidance              purr at CFG scales 1..3, tau at its best; then guidance in limited intervals of t
+                        (--cfg-interval) at the best scale, with the sampling time.
   temperature (Fig. 5)  the tau sweep at 1x, 2x and 4x the demo's steps (seed 0's purr run, resumed).
   tau schedule          linear tau(t) (`purr.py sample --tau-schedule linear`) against the best constant tau.
   tau grid (Fig. 4)     the same noise and labels across tau.
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/miniature.py --seeds 0 1 2   # -> benchmarks/results/miniature_*.{csv,png}
+    python benchmarks/miniature.py --model N/4 --out benchmarks/results/n4   # the demo's model
     python benchmarks/miniature.py --quick         # every part, 2 seeds, 1/4 of the steps: < 10 min
                                                    # -> results/miniature-quick
     python benchmarks/miniature.py --objectives dfm --seeds 0 --steps 1800
                                                    # re-run some rows into the tables
 
 Samples: Euler, 32 steps (the steps sweep aside), 500 per point, tau 0.9 for purr's convergence (the paper's
-Fig. 3 setting) and 1.0 for DFM, whose x_1 draws are the model's own distribution.
+Fig. 3 setting) and 1.0 for DFM, whose x_1 draws are the model's own distribution. Every table records the
+commit of the code that made it.
 """
 import argparse
 import contextlib
@@ -27,6 +34,7 @@ import fcntl
 import glob
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -44,16 +52,17 @@ TAUS = [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5]
 GRID_TAUS = [0.1, 0.3, 0.5, 0.8, 0.9, 1.0, 1.5]
 SWEEP_STEPS = [4, 8, 16, 32, 64, 100]
 CFG_SCALES = [1.0, 1.3, 1.5, 2.0, 3.0]
+LRS = [1e-3, 3e-3, 1e-2]
 SCHEDULES = [(0.5, 1.0), (1.0, 0.5), (0.7, 1.3), (1.3, 0.7)]  # linear tau(t): (tau at t = 0, tau at t = 1)
 COLORS = {"purr": "tab:red", "cfm": "tab:blue", "cfm-endpoint": "tab:cyan", "dfm": "tab:green",
           "real": "black", "tokenizer": "tab:gray"}
 PRESETS = {  # what --quick and --smoke shrink
     "full": dict(num_samples=500, demo_size=10000, longer=(2, 4), sweep=SWEEP_STEPS, eval_steps=32, taus=TAUS,
-                 classifier={}),
+                 classifier={}, lrs=LRS),
     "quick": dict(num_samples=200, demo_size=10000, longer=(2,), sweep=[4, 16, 32], eval_steps=32,
-                  taus=[0.5, 0.8, 1.0, 1.2], classifier={}, seeds=[0, 1], steps_div=4),
+                  taus=[0.5, 0.8, 1.0, 1.2], classifier={}, seeds=[0, 1], steps_div=4, lrs=[3e-3]),
     "smoke": dict(num_samples=20, demo_size=200, longer=(2,), sweep=[2, 4], eval_steps=2, taus=[0.5, 1.0],
-                  classifier=dict(n=400, epochs=1, n_ref=200)),
+                  classifier=dict(n=400, epochs=1, n_ref=200), lrs=[3e-3, 1e-2]),
 }
 
 
@@ -74,11 +83,12 @@ def evaluate(sampler, clf, tau, n, num_steps, method="euler", cfg_scale=1.0, z0=
     return float(fd), float(acc), seconds, images
 
 
-def train_run(work, objective, seed, steps, eval_every, demo_size, resume=None):
-    """`purr.py train` with the demo's defaults -> the run folder."""
+def train_run(a, objective, seed, steps, eval_every, lr, resume=None):
+    """`purr.py train` with the demo's defaults but --model and --lr -> the run folder."""
     flags = ["train", "--objective", objective, "--seed", str(seed), "--steps", str(steps),
-             "--demo-size", str(demo_size), "--ckpt-every", str(eval_every), "--log-every", str(eval_every),
-             "--results-dir", os.path.join(work, f"{objective}-seed{seed}")]
+             "--demo-size", str(a.demo_size), "--ckpt-every", str(eval_every), "--log-every", str(eval_every),
+             "--model", a.model, "--lr", str(lr),
+             "--results-dir", os.path.join(a.work, f"{objective}-{a.model.replace('/', '')}-lr{lr:g}-{seed}")]
     args = purr.parser().parse_args(flags + (["--resume", resume] if resume else []))
     return purr.train(args)
 
@@ -136,7 +146,21 @@ def locked(folder):
         os.close(fd)
 
 
+def commit():
+    """The code's commit (with '+' when the work tree differs from it), recorded in every table."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True).stdout.strip()
+    dirty = "+" if git("status", "--short", "-uno") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
+
+
+COMMIT = commit()
+
+
 def write_csv(path, rows):
+    rows = [{**r, "commit": r.get("commit") or COMMIT} for r in rows]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
@@ -185,19 +209,43 @@ def plot(path, panels):
     print(f"-> {path}", flush=True)
 
 
-def convergence(a, clf, work):
-    """Every objective from every seed; each checkpoint's FD and accuracy -> rows, the runs."""
+def eval_tau(objective):
+    return 1.0 if objective == "dfm" else 0.9
+
+
+def learning_rates(a, clf):
+    """Each objective at each of a.lrs from the first seed, its final FD -> rows, {objective: best lr}, and
+    the runs (the best one is the first seed's convergence run)."""
+    rows, runs = [], {}
+    for obj in a.objectives:
+        for lr in a.lrs:
+            runs[a.seeds[0], obj, lr] = run = train_run(a, obj, a.seeds[0], a.steps, a.eval_every, lr)
+            fd, acc, _, _ = evaluate(purr.load_sampler(checkpoints(run)[-1]), clf, eval_tau(obj),
+                                     a.num_samples, a.eval_steps)
+            rows.append({"objective": obj, "model": a.model, "lr": lr, "seed": a.seeds[0], "steps": a.steps,
+                         "fd": round(fd, 3), "accuracy": round(acc, 4)})
+            print(rows[-1], flush=True)
+    best = {o: min((r for r in rows if r["objective"] == o), key=lambda r: r["fd"])["lr"]
+            for o in a.objectives}
+    return rows, best, runs
+
+
+def convergence(a, clf, swept):
+    """Every objective from every seed at its learning rate; each checkpoint's FD and accuracy -> rows, the
+    runs."""
     rows, runs = [], {}
     for seed in a.seeds:
         for obj in a.objectives:
             t0 = time.time()
-            runs[seed, obj] = train_run(work, obj, seed, a.steps, a.eval_every, a.demo_size)
+            runs[seed, obj] = swept.get((seed, obj, a.lr[obj])) or train_run(a, obj, seed, a.steps,
+                                                                                a.eval_every, a.lr[obj])
             train_s = time.time() - t0
             for ckpt in checkpoints(runs[seed, obj]):
-                tau = 0.9 if obj == "purr" else 1.0
-                fd, acc, _, _ = evaluate(purr.load_sampler(ckpt), clf, tau, a.num_samples, a.eval_steps)
-                rows.append({"seed": seed, "objective": obj, "step": int(os.path.basename(ckpt)[:-3]),
-                             "fd": round(fd, 3), "accuracy": round(acc, 4), "train_s": round(train_s, 1)})
+                fd, acc, _, _ = evaluate(purr.load_sampler(ckpt), clf, eval_tau(obj), a.num_samples,
+                                         a.eval_steps)
+                rows.append({"seed": seed, "objective": obj, "model": a.model, "lr": a.lr[obj],
+                             "step": int(os.path.basename(ckpt)[:-3]), "fd": round(fd, 3),
+                             "accuracy": round(acc, 4), "train_s": round(train_s, 1)})
                 print(rows[-1], flush=True)
     return rows, runs
 
@@ -222,6 +270,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0 1)")
     p.add_argument("--steps", type=int, help="training steps (default: the demo's)")
+    p.add_argument("--model", default="N/2", help="the DiT of every run (default: N/2; the demo's: N/4)")
+    p.add_argument("--lrs", type=float, nargs="+",
+                   help=f"learning rates tried for each objective (default: {' '.join(map(str, LRS))}; "
+                        "--quick: 3e-3); one value: no sweep")
     p.add_argument("--eval-every", type=int,
                    help="checkpoint and evaluate every N steps (default: steps / 5)")
     p.add_argument("--quick", action="store_true",
@@ -241,6 +293,7 @@ def main(argv=None):
     preset = PRESETS["smoke" if a.smoke else "quick" if a.quick else "full"]
     for k in ("num_samples", "demo_size", "longer", "eval_steps", "taus"):
         setattr(a, k, preset[k])
+    a.lrs = a.lrs or preset["lrs"]
     a.seeds = a.seeds or preset.get("seeds", [0, 1, 2])
     a.out = a.out or (RESULTS if preset is PRESETS["full"] else os.path.join("results", "miniature-quick"))
     a.steps = a.steps or purr.DEMO["steps"] // preset.get("steps_div", 1)
@@ -250,7 +303,14 @@ def main(argv=None):
     clf = load_classifier(a.classifier, **preset["classifier"])
     out = lambda name: os.path.join(a.out, f"miniature_{name}")  # noqa: E731
 
-    rows, runs = convergence(a, clf, a.work)
+    swept = {}
+    a.lr = {o: a.lrs[0] for o in a.objectives}
+    if len(a.lrs) > 1:
+        lr_rows, a.lr, swept = learning_rates(a, clf)
+        with locked(a.out):
+            write_csv(out("learning_rate.csv"), merged(out("learning_rate.csv"), lr_rows, a))
+        print(f"best learning rates on {a.model}: {a.lr}", flush=True)
+    rows, runs = convergence(a, clf, swept)
     finals = {(seed, obj): purr.load_sampler(checkpoints(runs[seed, obj])[-1]) for seed in a.seeds
               for obj in ("purr", "cfm", "dfm") if obj in a.objectives}
     ref = floors(purr.load_sampler(checkpoints(runs[a.seeds[0], a.objectives[0]])[-1])[1], clf, a.num_samples)
@@ -289,7 +349,7 @@ def temperature(a, clf, runs, finals):
     samplers = {(a.steps, seed): finals[seed, "purr"] for seed in a.seeds}
     run = runs[a.seeds[0], "purr"]
     for k in a.longer:
-        train_run(a.work, "purr", a.seeds[0], k * a.steps, a.steps, a.demo_size, resume=checkpoints(run)[-1])
+        train_run(a, "purr", a.seeds[0], k * a.steps, a.steps, a.lr["purr"], resume=checkpoints(run)[-1])
         samplers[k * a.steps, a.seeds[0]] = purr.load_sampler(checkpoints(run)[-1])
     for (steps, seed), sampler in samplers.items():
         for tau in a.taus:
@@ -314,8 +374,7 @@ def steps_sweep(a, clf, finals, sweep, out):
         for nfe in sweep:
             for method in ("euler", "midpoint") if obj == "purr" else ("euler",):
                 num_steps = nfe // 2 if method == "midpoint" else nfe
-                tau = 1.0 if obj == "dfm" else 0.9
-                fd, acc, sec, _ = evaluate(sampler, clf, tau, a.num_samples, num_steps, method)
+                fd, acc, sec, _ = evaluate(sampler, clf, eval_tau(obj), a.num_samples, num_steps, method)
                 rows.append({"seed": seed, "objective": obj, "method": method, "num_steps": num_steps,
                              "nfe": nfe, "fd": round(fd, 3), "accuracy": round(acc, 4),
                              "s_per_100": round(sec, 3)})
