@@ -374,12 +374,30 @@ def setup_distributed():
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def sum_over_ranks(world, device, *flags):
-    """All ranks see the sum of each flag over ranks (one small all-reduce per step)."""
-    t = torch.tensor([float(f) for f in flags], device=device)
+def sum_over_ranks(world, device, *flags, late=False):
+    """All ranks see the sum of each flag (a number, or a one-element tensor on the device) over ranks: one
+    small all-reduce. late: a function that reads the sums later (to_host_later): the host need not wait."""
+    t = torch.stack([f.reshape(()).float() if torch.is_tensor(f) else torch.full((), float(f), device=device)
+                     for f in flags])
     if world > 1:
         torch.distributed.all_reduce(t)
-    return t.tolist()
+    return to_host_later(t) if late else t.tolist()
+
+
+def to_host_later(t):
+    """A function that returns t's values as a list. On CUDA the copy into pinned memory is queued now, behind
+    the work that makes t, and the function waits for that work only: read after the next step is queued, the
+    device never waits for the host."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read():
+        copied.synchronize()
+        return host.tolist()
+    return read
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # preemption, scancel, time limits, Ctrl-C
@@ -473,27 +491,37 @@ def tokenizer_spec(tok, cfg):
 
 
 class Log:
-    """Mean losses over ranks and steps since the last line; a line on stdout and in log.jsonl (rank 0)."""
+    """Mean losses over ranks and steps since the last line; a line on stdout and in log.jsonl (rank 0). The
+    sums stay on the device; a line's means reach the host behind its step (to_host_later) and are written at
+    the next add or at flush, so that logging never makes the host wait for the device."""
 
     def __init__(self, run, world, global_batch, step):
         self.run, self.world, self.global_batch = run, world, global_batch
-        self.last, self.sums, self.t0 = step, 0, time.time()
+        self.last, self.sums, self.t0, self.line = step, 0, time.time(), None
 
     def add(self, step, losses, unreadable, final):
+        self.flush()
         self.sums = self.sums + torch.stack(list(losses.values()))
         if not final:
             return
         if self.world > 1:
             torch.distributed.all_reduce(self.sums)
         dt, n = time.time() - self.t0, step - self.last
-        means = (self.sums / (self.world * n)).tolist()
-        rec = {"step": step, **dict(zip(losses, means)), "images": step * self.global_batch,
-               "steps_per_s": n / dt, "images_per_s": self.global_batch * n / dt, "unreadable": unreadable}
+        rest = {"images": step * self.global_batch, "steps_per_s": n / dt,
+                "images_per_s": self.global_batch * n / dt, "unreadable": unreadable}
+        self.line = step, list(losses), rest, to_host_later(self.sums / (self.world * n))
+        self.sums, self.t0, self.last = 0, time.time(), step
+
+    def flush(self):
+        """Writes the last line, if it is not written yet."""
+        if self.line is None:
+            return
+        (step, names, rest, means), self.line = self.line, None
+        rec = {"step": step, **dict(zip(names, means())), **rest}
         if self.run:
             print("  ".join(f"{k} {v:.4g}" for k, v in rec.items()), flush=True)
             with open(os.path.join(self.run, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        self.sums, self.t0, self.last = 0, time.time(), step
 
 
 class Progress:

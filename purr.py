@@ -489,6 +489,7 @@ SETTINGS = dict(
     data=None, vq="llamagen-vq-ds8", vq_ckpt=None, image_size=256, demo_size=10_000,
     # how the same update is computed: accumulation, memory, precision ("auto": default_precision())
     grad_accum=1, micro_batch_size=0, grad_checkpoint=False, compile=False, precision="auto", num_workers=8,
+    grad_compression="none",
     # logs, checkpoints, grids
     log_every=100, ckpt_every=50_000, keep=0, sample_every=0, seed=0,
 )
@@ -504,7 +505,7 @@ DEMO_TOKENIZER = dict(codebook_size=256, dim=8, patch=4, iters=8)  # vq.fit_tiny
 # What a resumed run may change: schedule, logging, disk, and how the same global batch is computed.
 RESUME_MAY_CHANGE = ("steps", "lr", "warmup", "decay", "log_every", "ckpt_every", "sample_every", "keep",
                      "num_workers", "precision", "grad_accum", "micro_batch_size", "grad_checkpoint",
-                     "compile")
+                     "compile", "grad_compression")
 
 
 def learning_rate(cfg, step):
@@ -522,7 +523,9 @@ def train_step(model, opt, micro, objective, codebook, z_weight, autocast, max_g
     global batch: the gradients of loss / N add up to the big batch's, and DDP all-reduces them once, on
     the last micro-batch (no_sync on the others). The global gradient norm (before clipping it to
     max_grad_norm, if > 0) is returned with the losses as `grad_norm`."""
-    opt.zero_grad(set_to_none=True)
+    # DDP's gradients are views of its all-reduce buckets, which stay: zeroed in place, no copy is made of
+    # them; a model alone frees its gradients until the backward pass, a lower peak.
+    opt.zero_grad(set_to_none=not hasattr(model, "no_sync"))
     n, totals = len(micro), {}
     for i, batch in enumerate(micro):
         with model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext():
@@ -572,35 +575,41 @@ def train(args):
     rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of the global batch
     layout = f"{world} process(es) x {n_micro} micro-batch(es) of {per_rank // n_micro} on {device}"
     run = announce(cfg, model, data, tok, layout, ckpt_path, step, changed) if rank == 0 else None
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = distributed(model, cfg) if world > 1 else model
     net = torch.compile(net) if cfg["compile"] else net
-    loader = training_loader(cfg, data, step, rank, world, device)
+    loader = training_loader(cfg, data, step, rank, world, rows, device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg["precision"] == "bf16")
     codebook, unreadable, last_saved = tok.codebook.to(device), Unreadable(data, world), ckpt_path
-    log = Log(run, world, global_batch, step)
+    log, pending = Log(run, world, global_batch, step), None
     with stop_requests() as stop:
-        for x, y, bad in loader:
-            fresh = unreadable.fresh(bad)
-            micro = micro_batches(cfg, tok, x.to(device), y.to(device), step, rows, n_micro)
+        for x, y, bad, draws in loader:
+            fresh = unreadable.fresh([tuple(b) for b in bad])  # (pinned batches come back as lists)
+            micro = micro_batches(tok, x, y, draws, n_micro, device)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             losses = train_step(net, opt, micro, cfg["objective"], codebook, cfg["z_loss"], autocast,
                                 cfg["max_grad_norm"])
-            # One all-reduce per step: a stop request, a non-finite loss, new unreadable files on any rank.
-            stopping, nonfinite, new_bad = sum_over_ranks(world, device, bool(stop),
-                                                          not torch.isfinite(losses["loss"]), len(fresh))
-            if new_bad:
-                unreadable.add(fresh, rank)
-            if nonfinite:
-                raise PurrError(f"the loss is not finite at step {step + 1}; nothing after step {step} is "
-                                f"saved; the last good checkpoint is {last_saved or '(none)'}: resume "
-                                "from it with a lower --lr")
-            update_ema(ema, model, ema_decay(cfg, step + 1))
             step += 1
+            # One all-reduce per step: a stop request, a non-finite loss, new unreadable files on any rank. It
+            # is read at the next step, once that step is queued, so the host never waits for the device; one
+            # process stops at once (it has no one to agree with).
+            flags = (step, fresh, sum_over_ranks(world, device, bool(stop), ~torch.isfinite(losses["loss"]),
+                                                 len(fresh), late=True))
+            stopping = world == 1 and bool(stop)
+            if pending:
+                stopping |= read_flags(pending, unreadable, rank, last_saved)
+            update_ema(ema, model, ema_decay(cfg, step))
+            saving = step % cfg["ckpt_every"] == 0 or step == steps or stopping
+            sampling = cfg["sample_every"] and step % cfg["sample_every"] == 0
+            if saving or sampling:  # this step's flags now: nothing after a non-finite loss is kept
+                stopping |= read_flags(flags, unreadable, rank, last_saved)
+                saving, flags = saving or stopping, None
+            pending = flags
             log.add(step, losses, len(unreadable.seen), final=step % cfg["log_every"] == 0 or step == steps)
-            if step % cfg["ckpt_every"] == 0 or step == steps or stopping:
+            if saving:
+                log.flush()
                 last_saved = save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_saved)
-            if cfg["sample_every"] and step % cfg["sample_every"] == 0 and rank == 0:
+            if sampling and rank == 0:
                 sample_grid(run, step, ema, tok, cfg, device)
             if stopping:
                 print_resume_command(cfg, step, last_saved, rank, world)
@@ -610,21 +619,68 @@ def train(args):
     return run
 
 
-def training_loader(cfg, data, step, rank, world, device):
-    """This rank's share of every global batch from `step` on, in the seeded plan of appendix.RankBatches."""
+def read_flags(flags, unreadable, rank, last_saved):
+    """A step's flags, summed over ranks, once they reach the host (every rank reads them at the same step):
+    new unreadable files are named, a non-finite loss stops the run before anything after it is saved.
+    Returns whether a rank was asked to stop."""
+    step, fresh, read = flags
+    stopping, nonfinite, new_bad = read()
+    if new_bad:
+        unreadable.add(fresh, rank)
+    if nonfinite:
+        raise PurrError(f"the loss is not finite at step {step}; nothing after step {step - 1} is saved; the "
+                        f"last good checkpoint is {last_saved or '(none)'}: resume from it with a lower --lr")
+    return bool(stopping)
+
+
+def distributed(model, cfg):
+    """DDP, its gradients views of its all-reduce buckets (no second copy of them); --grad-compression bf16
+    all-reduces them in bf16 (half the traffic between nodes, the sum rounded to bf16)."""
+    ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    if cfg["grad_compression"] == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp
+
+
+def training_loader(cfg, data, step, rank, world, rows, device):
+    """This rank's `rows` of each global batch from `step` on, in the seeded plan of appendix.RankBatches, and
+    the step's draws (TrainingBatches): made ahead of the step by the loader's workers, pinned on CUDA."""
     plan = RankBatches(len(data), step, cfg["steps"], cfg["global_batch_size"], rank, world, cfg["seed"])
-    return torch.utils.data.DataLoader(data, batch_sampler=plan, collate_fn=collate,
-                                       num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
+    steps = zip(range(step, cfg["steps"]), plan)  # the items: (step, its (index, flip) pairs)
+    return torch.utils.data.DataLoader(TrainingBatches(data, cfg, rows), sampler=steps, batch_size=None,
+                                       collate_fn=TrainingBatches.as_is, num_workers=cfg["num_workers"],
+                                       pin_memory=device.type == "cuda")
 
 
-def micro_batches(cfg, tok, x, y, step, rows, n):
-    """This rank's `rows` of the step's global batch as n micro-Batches: codes c (images are encoded here),
-    labels with the dropped ones set to the null class, and z_0, t (and DFM's uniforms) from draw_noise."""
-    c = tok.encode(to_unit(x)).clone() if x.dim() == 4 else x  # clone: inference-mode tensors -> autograd
-    z0, t, drop, uniforms = draw_noise(cfg["global_batch_size"], rows, step, cfg["seed"], cfg["latent_size"],
-                                       cfg["latent_channels"], cfg["class_dropout"], x.device, cfg["t_min"])
-    y = torch.where(drop, cfg["num_classes"], y)
-    return [Batch(*m) for m in zip(*(v.chunk(n) for v in (c, y, z0, t, uniforms)))]
+class TrainingBatches(torch.utils.data.Dataset):
+    """Item (step, this rank's (index, flip) pairs) -> its images (or codes), labels with the dropped ones set
+    to the null class, the unreadable files met, and the step's (z_0, t, DFM's uniforms) from draw_noise."""
+
+    def __init__(self, data, cfg, rows):
+        self.data, self.cfg, self.rows = data, cfg, rows
+
+    def __getitem__(self, item):
+        step, items = item
+        x, y, bad = collate([self.data[i] for i in items])
+        c = self.cfg
+        z0, t, drop, u = draw_noise(c["global_batch_size"], self.rows, step, c["seed"], c["latent_size"],
+                                    c["latent_channels"], c["class_dropout"], "cpu", c["t_min"])
+        return x, torch.where(drop, c["num_classes"], y), bad, (z0, t, u)
+
+    @staticmethod
+    def as_is(batch):  # each item is a whole batch already
+        return batch
+
+
+def micro_batches(tok, x, y, draws, n, device):
+    """A rank's batch from the loader as n micro-Batches on the device: codes c (images are encoded here, a
+    micro-batch at a time), labels (the dropped ones already the null class), and z_0, t, DFM's uniforms."""
+    x, y, *draws = (v.to(device, non_blocking=True) for v in (x, y, *draws))
+    c = x.chunk(n)
+    if x.dim() == 4:  # clone: inference-mode codes -> ordinary tensors, for autograd
+        c = [tok.encode(to_unit(images)).clone() for images in c]
+    return [Batch(*m) for m in zip(c, *(v.chunk(n) for v in (y, *draws)))]
 
 
 def draw_noise(global_batch, rows, step, seed, size, d, class_dropout, device, t_min=0.0):
@@ -815,12 +871,18 @@ def sample(args):
         print(f"purr sample: {n} images from {ckpt_path} on {world} process(es), {device}, {args.precision}",
               file=sys.stderr, flush=True)
     images, entropies, progress = [], [], Progress("sample", n, len(shard), "images")
+    full = min(args.batch_size, len(shard))
     for i in range(shard.start, shard.stop, args.batch_size):
         idx = range(i, min(i + args.batch_size, shard.stop))
-        seeds, z0 = image_noise(args.seed, idx, d, size, device)
+        # --compile: a last, smaller batch is padded (the next images' noise, the last label), one graph
+        padded = range(i, i + full) if args.compile else idx
+        seeds, z0 = image_noise(args.seed, padded, d, size, device)
         record = entropy_recorder(tau, args.entropy_t, entropies) if args.entropy_map else None
-        c = sample_codes(net, tok, cfg["objective"], y[idx.start:idx.stop].to(device), z0, tau,
+        c = sample_codes(net, tok, cfg["objective"], y[[min(j, n - 1) for j in padded]].to(device), z0, tau,
                          args.cfg_scale, args.num_steps, args.method, record, args.precision, seeds)
+        c = c[:len(idx)]
+        if record:
+            entropies[-1] = entropies[-1][:len(idx)]
         images.append(vqlib.to_uint8(tok.decode(c)).cpu())
         if rank == 0:
             progress.update(len(idx))
@@ -990,8 +1052,18 @@ def extract(args):
 # ----------------------------------------------------------------------------------------------
 # `purr.py bench`: speed and memory on random tokens of ImageNet's shape.
 
-# Peak dense bf16 and TF32 tensor throughput (TFLOP/s) of common GPUs, for the MFU that bench prints.
-PEAK_TFLOPS = {"A100": (312, 156), "H100": (989, 494), "H200": (989, 494), "B200": (2250, 1100)}
+# Peak dense (not 2:4 sparse) bf16 and TF32 tensor throughput (TFLOP/s) of common GPUs, for the MFU that bench
+# prints, by a part of torch.cuda.get_device_name(): the first that matches. The PCIe and NVL cards have
+# fewer SMs or lower clocks than the SXM ones ("NVIDIA H100 80GB HBM3"); GH200's GPU is an H100 SXM's.
+PEAK_TFLOPS = [("H100 PCIe", (756, 378)), ("H100 NVL", (835, 418)), ("H200 NVL", (835, 418)),
+               ("H100", (989, 494)), ("H200", (989, 494)), ("A100", (312, 156)), ("GB200", (2500, 1250)),
+               ("B200", (2250, 1100)), ("L40S", (362, 183))]
+
+
+def peak_tflops(device_name, precision):
+    """The dense peak of this GPU at the step's precision (TF32 for fp32), or None for a GPU not listed."""
+    return next((p[precision == "fp32"] for part, p in PEAK_TFLOPS if part.lower() in device_name.lower()),
+                None)
 
 
 def bench(args):
@@ -1034,7 +1106,7 @@ def bench(args):
         step(model)
     ms = timed(device, args.warmup, args.steps, lambda n: [step(fast) for _ in range(n)], per_call=True)
     tflops = counter.get_total_flops() / ms / 1e9
-    peak = next((p[args.precision == "fp32"] for name, p in PEAK_TFLOPS.items() if name in where), None)
+    peak = peak_tflops(where, args.precision) if device.type == "cuda" else None
     outside = 100 * (1 - matmul_ms(device, lambda: step(fast)) / ms)
     print(f"{head}: {ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {counter.get_total_flops() / 1e12:.3g} "
           f"TFLOP/step, {tflops:.3g} TFLOP/s{f', MFU {100 * tflops / peak:.1f}%' if peak else ''}, "
@@ -1084,13 +1156,15 @@ SETTING_HELP = {
         grad_checkpoint="recompute the DiT blocks' activations in the backward pass (less memory, ~1/3 more "
                         "compute)",
         compile="torch.compile the model", num_workers="",
-        precision="bf16 autocast for the DiT; auto: bf16 where the hardware has it fast"),
+        precision="bf16 autocast for the DiT; auto: bf16 where the hardware has it fast",
+        grad_compression="bf16: DDP all-reduces the gradients in bf16 (half the traffic between nodes)"),
     "logs, checkpoints, grids": dict(
         log_every="", ckpt_every="", keep="keep the newest N checkpoints of the run (0: all)",
         sample_every="every N steps, a grid from the EMA weights in RUN/samples/ (same noise and labels)",
         seed=""),
 }
-CHOICES = {"objective": list(OBJECTIVES), "precision": ["auto", "bf16", "fp32"]}
+CHOICES = {"objective": list(OBJECTIVES), "precision": ["auto", "bf16", "fp32"],
+           "grad_compression": ["none", "bf16"]}
 
 
 def add_setting(p, k, text):
@@ -1172,7 +1246,8 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    keep_freed_memory()
+    if not torch.cuda.is_available():  # a CPU run's K-wide tensors come from malloc; a GPU run's do not
+        keep_freed_memory()
     try:
         args.func(args)
     except (PurrError, vqlib.TokenizerError, fid.FIDError) as e:

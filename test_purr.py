@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,38 @@ def tf32_on():
     before = appendix.tf32(True)
     yield
     appendix.tf32(before)
+
+
+class DeviceStandIn(TorchDispatchMode):
+    """On the CPU, stands in for an accelerator's queue: every tensor computed from the tagged ones (the
+    model's weights) is tagged with the training step that was under way (`step`, counted by the caller), and
+    every read by the host (item, bool, float, tolist, numpy) of a value tagged with the current step is
+    recorded: on a GPU the host would wait there for the work it has just queued."""
+
+    def __init__(self):
+        super().__init__()
+        self.step, self.tags, self.stalls = 0, torch.utils.weak.WeakIdKeyDictionary(), []
+
+    def tag(self, tensors):
+        for t in tensors:
+            self.tags[t] = self.step
+
+    def read(self, t, how):
+        if self.tags.get(t) == self.step:
+            self.stalls.append((self.step, how))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero):
+            self.read(leaves[0], func.__name__)
+        out = func(*args, **kwargs)
+        if any(t in self.tags for t in leaves):
+            written = [a for arg, a in zip(func._schema.arguments, args) if arg.alias_info and
+                       arg.alias_info.is_write] + [v for k, v in kwargs.items() if k == "out"]
+            made = torch.utils._pytree.tree_leaves((out, written))
+            self.tag(t for t in made if isinstance(t, torch.Tensor))
+        return out
 
 
 def smooth_images(n, size, seed=0):
@@ -773,6 +806,95 @@ def test_train_step_accumulates_the_full_batch_gradient():
     assert split.synced == [False, False, True]
 
 
+def test_a_training_step_never_waits_for_the_work_it_queued(tmp_path, monkeypatch):
+    """The host reads a step's flags and losses one step late (once the next step is queued), so a GPU never
+    idles between steps; only a step that saves (here the last, which also logs) reads its own values."""
+    device, real_step, real_build = DeviceStandIn(), purr.train_step, purr.build_model
+
+    def step(*args):
+        device.step += 1
+        return real_step(*args)
+
+    def build(cfg):
+        model = real_build(cfg)
+        device.tag(model.parameters())
+        return model
+    monkeypatch.setattr(purr, "train_step", step)
+    monkeypatch.setattr(purr, "build_model", build)
+    for name in ("tolist", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, real=real, name=name, **kw: device.read(t, name)
+                            or real(t, *a, **kw))
+    with device:
+        train_cli(tmp_path, "--steps", "4", "--log-every", "1000", "--ckpt-every", "1000", quick=True)
+    assert device.step == 4 and device.stalls and {s for s, _ in device.stalls} == {4}, device.stalls
+
+
+def test_the_loader_makes_each_steps_draws_ahead_of_it(monkeypatch):
+    """z_0, t, the dropped labels and DFM's uniforms come with the batch, from the loader's worker: each
+    rank's rows of draw_noise's draw for (seed, step), and the main process draws nothing."""
+    main, drawn, real = os.getpid(), [], purr.draw_noise
+    monkeypatch.setattr(purr, "draw_noise", lambda *a, **kw: drawn.append(os.getpid()) or real(*a, **kw))
+    tokens = torch.randint(0, 16, (40, 2, 4, 4)).numpy()
+    data = appendix.TokenFolder(tokens, torch.arange(40) % 10, 10)
+    cfg = {**purr.SETTINGS, "steps": 5, "global_batch_size": 8, "num_workers": 1, "class_dropout": 0.5,
+           "latent_size": 4, "latent_channels": 3, "num_classes": 10, "seed": 7}
+    loader, dropped = purr.training_loader(cfg, data, 3, 1, 2, slice(4, 8), torch.device("cpu")), 0
+    for step, (x, y, bad, (z0, t, u)) in zip((3, 4), loader):
+        idx, flip = appendix.global_batch_plan(40, step, 8, 7)
+        want = real(8, slice(4, 8), step, 7, 4, 3, 0.5, "cpu", cfg["t_min"])
+        assert torch.equal(x, torch.from_numpy(tokens[idx[4:], flip[4:]]).long()) and bad == []
+        assert torch.equal(y, torch.where(want[2], 10, idx[4:] % 10))
+        assert all(torch.equal(a, b) for a, b in zip((z0, t, u), want[:2] + want[3:]))
+        dropped += int((y == 10).sum())
+    assert 0 < dropped < 8 and main not in drawn
+
+
+@pytest.mark.slow  # trains or starts torchrun
+@pytest.mark.parametrize("bad", [3, 4])
+def test_a_non_finite_loss_read_a_step_late_still_stops_before_the_next_save(bad, tmp_path, monkeypatch):
+    """Every second step saves. Step 3's flags reach the host during step 4, before its save; step 4's are
+    read at once, as it saves. Either way the run stops with step 2's checkpoint its last."""
+    real, calls = purr.train_step, []
+
+    def step(*args):
+        losses = real(*args)
+        calls.append(1)
+        return {**losses, "loss": losses["loss"] * (math.nan if len(calls) == bad else 1)}
+    monkeypatch.setattr(purr, "train_step", step)
+    with pytest.raises(appendix.PurrError, match=f"not finite at step {bad}; nothing after step {bad - 1} "
+                                                 ".*/0000002.pt"):
+        train_cli(tmp_path, "--steps", "6", "--ckpt-every", "2", quick=True)
+    assert [os.path.basename(p) for p in appendix.checkpoint_paths(str(tmp_path))] == ["0000002.pt"]
+
+
+def test_micro_batches_encode_images_a_micro_batch_at_a_time():
+    sizes = []
+    tok = types.SimpleNamespace(encode=lambda x: sizes.append(len(x)) or torch.zeros(len(x), 2, 2).long())
+    draws = (torch.randn(6, 3, 2, 2), torch.rand(6), torch.rand(6, 2, 2))
+    micro = purr.micro_batches(tok, torch.zeros(6, 3, 16, 16, dtype=torch.uint8), torch.arange(6), draws, 3,
+                               "cpu")
+    assert sizes == [2, 2, 2] and [len(b.c) for b in micro] == [2, 2, 2]
+    assert torch.equal(torch.cat([b.z0 for b in micro]), draws[0])
+
+
+def test_ddp_keeps_gradients_in_its_buckets_and_compresses_them_when_asked(monkeypatch):
+    built = []
+
+    class DDP:
+        def __init__(self, module, **kw):
+            self.module, self.kw, self.hooks = module, kw, []
+            built.append(self)
+
+        def register_comm_hook(self, state, hook):
+            self.hooks.append(hook.__name__)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", DDP)
+    for setting in ("none", "bf16"):
+        purr.distributed(torch.nn.Linear(2, 2), {**purr.SETTINGS, "grad_compression": setting})
+    assert [b.kw for b in built] == [{"gradient_as_bucket_view": True}] * 2
+    assert [b.hooks for b in built] == [[], ["bf16_compress_hook"]]
+
+
 @pytest.mark.slow  # trains or starts torchrun
 def test_class_dropout_1_gives_the_model_only_the_null_class(interrupted_run):
     seen = interrupted_run[1]
@@ -996,6 +1118,7 @@ def test_logged_losses_are_means_over_processes_and_steps(tmp_path, monkeypatch)
     log = appendix.Log(str(tmp_path), 2, 8, 0)
     log.add(1, {"loss": torch.tensor(1.0)}, 0, final=False)
     log.add(2, {"loss": torch.tensor(3.0)}, 0, final=True)
+    log.flush()  # a line is written at the next step, or now
     assert json.loads((tmp_path / "log.jsonl").read_text())["loss"] == 4.0
 
 
@@ -1008,6 +1131,18 @@ def test_two_processes_give_the_same_update_as_one(tmp_path):
     train_cli(tmp_path / "one", *common)
     assert final_state(tmp_path / "two")["step"] == final_state(tmp_path / "one")["step"] == 3
     assert_trained_alike(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_two_processes_train_with_bf16_gradient_compression(tmp_path):
+    """--grad-compression bf16 all-reduces bf16 gradients: the run trains, close to the fp32 all-reduce's."""
+    common = ["--steps", "3", "--global-batch-size", "8", "--demo-size", "200", "--precision", "fp32"]
+    torchrun(2, "train", *common, "--grad-compression", "bf16", "--results-dir", str(tmp_path / "bf16"))
+    train_cli(tmp_path / "one", *common)
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "bf16")
+    assert b["step"] == 3 and b["args"]["grad_compression"] == "bf16"
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-2) for k in a["model"])
+    assert not all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 @pytest.mark.slow  # trains or starts torchrun
@@ -1473,6 +1608,46 @@ def test_sample_and_bench_compile_run_the_compiled_network(tiny_ckpt, tmp_path, 
                "--steps", "2", "--warmup", "1", "--precision", "fp32", "--sample", "--compile"])
     assert "compiled" in capsys.readouterr().out and len(runs) >= 3
     torch._dynamo.reset()
+
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_sample_compile_pads_the_last_batch_into_the_same_graph(tiny_ckpt, tmp_path, monkeypatch):
+    """5 images in batches of 2: the last batch of 1 runs padded to 2 in the graph the others use (the
+    backend counts the graphs it is given), and the images are those sampled without --compile."""
+    ckpt, graphs, real = with_perturbed_ema(tiny_ckpt, tmp_path / "ckpt.pt"), [], torch.compile
+    backend = lambda gm, inputs: graphs.append(gm) or gm  # noqa: E731
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: real(*a, **{**kw, "backend": backend}))
+    torch._dynamo.reset()
+    common = ["sample", "--ckpt", ckpt, "--num-steps", "3", "--num-samples", "5", "--batch-size", "2",
+              "--class-labels", "1", "--entropy-map", "--out"]
+    purr.main([*common, str(tmp_path / "eager.png")])
+    purr.main([*common, str(tmp_path / "compiled.png"), "--compile"])
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    for name in ("", "_entropy"):
+        eager, compiled = (np.asarray(Image.open(tmp_path / f"{k}{name}.png")) for k in ("eager", "compiled"))
+        assert np.array_equal(eager, compiled) and eager.shape[1] == 2 + 5 * 34
+
+
+@pytest.mark.parametrize("name, bf16, tf32", [
+    ("NVIDIA H100 80GB HBM3", 989, 494), ("NVIDIA H100 PCIe", 756, 378), ("NVIDIA H100 NVL", 835, 418),
+    ("NVIDIA H200", 989, 494), ("NVIDIA H200 NVL", 835, 418), ("NVIDIA GH200 480GB", 989, 494),
+    ("NVIDIA A100-SXM4-80GB", 312, 156), ("NVIDIA A100 80GB PCIe", 312, 156), ("NVIDIA B200", 2250, 1100),
+    ("NVIDIA GeForce RTX 4090", None, None)])
+def test_bench_mfu_is_against_the_peak_of_the_gpu_found(name, bf16, tf32):
+    assert purr.peak_tflops(name, "bf16") == bf16 and purr.peak_tflops(name, "fp32") == tf32
+
+
+def test_freed_memory_is_kept_in_cpu_runs_only(monkeypatch, tmp_path):
+    """mallopt's tuning is for the CPU's K-wide tensors; a GPU run leaves glibc's defaults."""
+    kept = []
+    monkeypatch.setattr(purr, "keep_freed_memory", lambda: kept.append(1))
+    monkeypatch.setattr(purr, "default_precision", lambda: "fp32")  # the parser's default asks the GPU
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        with pytest.raises(SystemExit):  # the command itself fails at once: no checkpoint
+            purr.main(["sample", "--precision", "fp32", "--results-dir", str(tmp_path)])
+        assert len(kept) == 1
 
 
 # --- The authors' code: github razvanmatisan/purrception de66f96 --------------------------------------------
