@@ -1844,6 +1844,52 @@ def test_official_conversion_refuses_in_one_line(authors, tmp_path, edit, words)
     assert not (tmp_path / "x.pt").exists()
 
 
+CFM_GOLDEN = torch.load(Path(HERE, "fixtures", "official_cfm_golden.pt"), weights_only=True)
+
+
+@pytest.mark.parametrize("objective", ["cfm", "cfm-endpoint"])
+def test_official_cfm_checkpoints_convert_and_give_their_networks_outputs(authors, tmp_path, monkeypatch,
+                                                                          capsys, objective):
+    """Their CFM and CFM-endpoint baselines (model_type cfm, cfm-endpoint: d output channels, not K):
+    tools/from_official.py converts their checkpoint, and purr's DiT on its EMA gives what their code computed
+    (fixtures/make_goldens.py, official_cfm): the network's outputs (cfg 1, 1.5 and the null class at three
+    t), their samplers' velocities (CFM: the output; CFM-endpoint: (out - z) / (1 - t), their eps = 0) and
+    their training loss; and it samples through the CLI."""
+    import from_official  # tools/ is on the path (the authors fixture)
+    g, case = CFM_GOLDEN, CFM_GOLDEN[objective]
+    theirs = seeded.write(case["recipe"], tmp_path / "official.pth")
+    assert seeded.digest(torch.load(theirs, weights_only=True)["backbone_state_dict"]) == case["recipe"]["sha256"]
+    (tmp_path / "hparams.json").write_text(json.dumps(case["hparams"]))
+    ours = tmp_path / "purr.pt"
+    from_official.main([str(theirs), "--hparams", str(tmp_path / "hparams.json"), "--vq", "llamagen-vq-ds8",
+                        "--vq-ckpt", str(authors[2]), "--out", str(ours)])  # official_dit's tokenizer file
+    ckpt = appendix.load_checkpoint(str(ours))
+    a = ckpt["args"]
+    assert (a["objective"], a["model"], a["latent_channels"], a["codebook_size"], a["time_scale"], ckpt["step"]) \
+        == (objective, "N/2", 8, 64, 1.0, 77)
+    model = purr.build_model(a)
+    model.load_state_dict(ckpt["ema"])
+    model.eval()
+    z, y = g["z"], g["y"]
+    with torch.no_grad():
+        for i, t in enumerate(g["t"].tolist()):
+            for j, s in enumerate(g["cfg"].tolist()):
+                labels, scale = (torch.full_like(y, 3), 1.0) if s == 0 else (y, s)  # their cfg 0: null class
+                out = purr.unpatchify(purr.network(model, z, t, labels, scale))
+                assert out.shape == (2, 8, 4, 4)  # d channels
+                torch.testing.assert_close(out, case["outputs"][i, j], atol=3e-5 if s == 1.5 else 1e-6, rtol=0)
+                if s:
+                    v = purr.OBJECTIVES[objective].velocity(model, g["codebook"], y, 0.8, s)(t, z)
+                    torch.testing.assert_close(v, case["velocity"][i, j], atol=3e-5 / (1 - t), rtol=0)
+        batch = purr.Batch(g["c"], y, case["z0"], case["t_train"], None)
+        loss = purr.OBJECTIVES[objective].loss(model, batch, g["codebook"], 1e-5)["loss"]
+        torch.testing.assert_close(loss, case["loss"], atol=1e-6, rtol=1e-6)
+    ch32_llamagen(monkeypatch)
+    purr.main(["sample", "--ckpt", str(ours), "--num-steps", "3", "--class-labels", "0", "2", "--num-samples",
+               "2", "--cfg-scale", "1.5", "--out", str(tmp_path / "grid.png"), "--precision", "fp32"])
+    assert f"2 samples from {ours} (EMA, step 77, {objective})" in capsys.readouterr().out
+
+
 # --- vq.py: the official tokenizers against the original code's outputs (random weights, ch = 32) -----------
 
 TOKENIZERS = ["sd-vq-f8", "llamagen-vq-ds8"]
@@ -2320,6 +2366,658 @@ def test_fid_cli_folders_npz_and_saved_stats_agree(official, tmp_path, capsys, m
     assert list(direct) == ["FID", "sFID", "IS", "precision", "recall", "KID"]
     assert direct["FID"] > 1 and direct["sFID"] > 1 and direct["IS"] >= 1
     assert direct == pytest.approx(via_stats, rel=1e-6)
+
+
+# --- Plumbing: every setting reaches its code, flips happen, names sit on their numbers ---------------------
+
+# A run observed through train_cli: what each train_step received and left behind, what was built, saved,
+# logged and drawn. The settings' cases below compare two such runs that differ in one setting.
+
+def observe(root, *flags, quick=True):
+    """train_cli(root, *flags) observed: .steps, one dict per training step (its codes c, labels y, noise z0,
+    times t, micro-batch sizes, lr and AdamW's hyper-parameters as it ran, whether the DiT ran under bf16
+    autocast, the losses it returned, the norm of the gradients it applied); .start, the step it began at;
+    .model (the DiT trained), .ckpt (the last checkpoint), .checkpoints, .grids, .log (lines of log.jsonl),
+    .out (stdout); .workers (num_workers of each DataLoader made), .remat (activation checkpoints run),
+    .compiled (torch.compile calls)."""
+    obs = argparse.Namespace(steps=[], workers=[], remat=0, compiled=0, built=[])
+    real_step, real_build, real_loader = purr.train_step, purr.build_model, torch.utils.data.DataLoader.__init__
+    real_remat = torch.utils.checkpoint.checkpoint
+
+    def step(model, opt, micro, *rest, **kw):
+        group, autocast = opt.param_groups[0], next((a for a in rest if isinstance(a, torch.autocast)), None)
+        seen = dict(lr=group["lr"], hyper=(group["weight_decay"], tuple(group["betas"]), group["eps"]),
+                    bf16=bool(autocast is not None and autocast._enabled and autocast.fast_dtype == torch.bfloat16),
+                    sizes=[len(b.c) for b in micro],
+                    **{k: torch.cat([getattr(b, k) for b in micro]).clone() for k in ("c", "y", "z0", "t")})
+        losses = real_step(model, opt, micro, *rest, **kw)
+        grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        obs.steps.append({**seen, "losses": {k: float(v) for k, v in losses.items()},
+                          "applied_norm": float(torch.cat(grads).norm())})
+        return losses
+
+    def build(cfg):
+        model = real_build(cfg)
+        obs.built.append(model)
+        return model
+
+    def loader(self, *args, **kw):
+        real_loader(self, *args, **kw)
+        obs.workers.append(self.num_workers)
+
+    def remat(*args, **kw):
+        obs.remat += 1
+        return real_remat(*args, **kw)
+
+    def compile_(model, *args, **kw):  # the call is what is checked: the eager module runs
+        obs.compiled += 1
+        return model
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.setattr(purr, "train_step", step)
+        mp.setattr(purr, "build_model", build)
+        mp.setattr(torch.utils.data.DataLoader, "__init__", loader)
+        mp.setattr(torch.utils.checkpoint, "checkpoint", remat)
+        mp.setattr(torch, "compile", compile_)
+        run = train_cli(root, *flags, quick=quick)
+    obs.out, obs.model = out.getvalue(), obs.built[-1]
+    obs.checkpoints = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    obs.grids = sorted(os.listdir(os.path.join(run, "samples"))) if os.path.isdir(os.path.join(run, "samples")) \
+        else []
+    log = os.path.join(run, "log.jsonl")
+    obs.log = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+    obs.ckpt = appendix.load_checkpoint(os.path.join(run, "checkpoints", obs.checkpoints[-1]))
+    obs.start = obs.ckpt["step"] - len(obs.steps)
+    return obs
+
+
+def same(a, b, *keys):
+    """The runs' steps hold equal tensors under keys (c, y, z0, t), step by step."""
+    return len(a.steps) == len(b.steps) and all(torch.equal(x[k], y[k]) for x, y in zip(a.steps, b.steps)
+                                                for k in keys)
+
+
+def same_weights(a, b, part="model", atol=0.0):
+    return all(torch.allclose(a.ckpt[part][k], b.ckpt[part][k], atol=atol, rtol=0) for k in a.ckpt[part])
+
+
+def lrs(obs):
+    return [s["lr"] for s in obs.steps]
+
+
+def lr_schedule(lr, steps, warmup=0, decay=0.0):
+    """learning_rate's schedule, written out: linear warm-up over `warmup` steps, then linear decay to 0 over
+    the last `decay` fraction of `steps`."""
+    def at(s):
+        f = (s + 1) / warmup if s < warmup else 1.0
+        return lr * f * ((steps - s) / (steps * decay) if decay and s >= steps * (1 - decay) else 1.0)
+    return at
+
+
+def check_model(base, alt):
+    assert [o.ckpt["model"]["x_embedder.weight"].shape[-1] for o in (base, alt)] == [4, 2]  # N/4's patch, N/2's
+    assert same(base, alt, "c", "y", "z0", "t")
+
+
+def check_objective(base, alt):
+    assert "mse" in alt.steps[0]["losses"] and "mse" not in base.steps[0]["losses"]  # CFM's loss ran
+    assert alt.ckpt["args"]["objective"] == "cfm"
+    assert same(base, alt, "c", "y", "z0", "t")
+
+
+def check_z_loss(base, alt):
+    a, b = alt.steps[0]["losses"], base.steps[0]["losses"]  # the first step: the same weights and batch
+    assert a["ce"] == b["ce"] and a["zloss"] == pytest.approx(100 * b["zloss"], rel=1e-4) and b["zloss"] > 0
+
+
+def check_class_dropout(base, alt):
+    assert all((s["y"] == 10).all() for s in alt.steps)  # 10 demo classes: 10 is the null class
+    assert any((s["y"] < 10).any() for s in base.steps)
+    assert same(base, alt, "c", "z0", "t")
+
+
+def check_steps(base, alt):
+    assert len(alt.steps) == len(base.steps) + 1 and alt.ckpt["step"] == base.ckpt["step"] + 1
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(alt.steps, base.steps) for k in ("c", "y", "z0", "t"))
+
+
+def check_global_batch_size(base, alt):
+    assert [sum(s["sizes"]) for s in alt.steps] == [4] * len(alt.steps)
+    assert [sum(s["sizes"]) for s in base.steps] == [8] * len(base.steps)
+
+
+def check_lr(base, alt):
+    assert lrs(alt) == pytest.approx([10 / 3 * x for x in lrs(base)]) and lrs(base)[0] == 3e-3
+    assert same(base, alt, "c", "y", "z0", "t") and not same_weights(base, alt)
+
+
+def check_warmup(base, alt):
+    at = lr_schedule(3e-3, alt.ckpt["step"], warmup=4, decay=0.3)  # the demo's decay
+    assert lrs(alt) == pytest.approx([at(alt.start + i) for i in range(len(alt.steps))])
+    assert lrs(base) == pytest.approx([3e-3] * len(base.steps))
+
+
+def check_decay(base, alt):
+    at = lr_schedule(3e-3, alt.ckpt["step"], decay=0.9)
+    assert lrs(alt) == pytest.approx([at(alt.start + i) for i in range(len(alt.steps))])
+    assert lrs(alt)[-1] < lrs(base)[-1] == 3e-3
+
+
+def adamw_check(index, value):
+    def check(base, alt):
+        hyper = lambda obs: [s["hyper"] for s in obs.steps]  # noqa: E731
+        assert all(h[index] == value for h in hyper(alt)) and all(h[index] != value for h in hyper(base))
+        assert same(base, alt, "c", "y", "z0", "t") and not same_weights(base, alt)
+    return check
+
+
+def check_ema_decay(base, alt):
+    assert same_weights(base, alt) and not same_weights(base, alt, "ema")
+    assert alt.ckpt["args"]["ema_decay"] == 0.5
+
+
+def check_time_scale(base, alt):
+    assert alt.model.t_embedder.time_scale == 1.0 and base.model.t_embedder.time_scale == 1000.0
+    assert same(base, alt, "c", "y", "z0", "t") and not same_weights(base, alt)  # t reaches the gradients
+
+
+def check_ema_warmup(base, alt):
+    assert same_weights(base, alt) and not same_weights(base, alt, "ema")
+
+
+def check_max_grad_norm(base, alt):
+    a, b = alt.steps[0], base.steps[0]
+    assert a["losses"]["grad_norm"] == b["losses"]["grad_norm"] > 0.02  # the norm before clipping, logged
+    assert a["applied_norm"] == pytest.approx(0.01, rel=1e-3) and b["applied_norm"] == pytest.approx(
+        b["losses"]["grad_norm"], rel=1e-5)
+
+
+def check_t_min(base, alt):
+    assert all(s["t"].min() >= 0.5 for s in alt.steps) and any(s["t"].min() < 0.5 for s in base.steps)
+    assert same(base, alt, "c", "y", "z0")
+
+
+def check_data(base, alt):
+    assert not same(base, alt, "c") and same(base, alt, "z0", "t")
+
+
+def check_vq(base, alt):
+    assert isinstance(alt, Exception) and "llamagen-vq-ds8" in str(alt) and "tiny.pt" in str(alt), alt
+
+
+def check_vq_ckpt(base, alt):
+    assert (alt.ckpt["args"]["codebook_size"], base.ckpt["args"]["codebook_size"]) == (32, 64)
+    assert not same(base, alt, "c") and same(base, alt, "z0", "t")
+
+
+def check_image_size(base, alt):
+    assert (alt.ckpt["args"]["latent_size"], base.ckpt["args"]["latent_size"]) == (4, 8)
+    assert alt.steps[0]["c"].shape[-1] == 4 and alt.steps[0]["z0"].shape[-1] == 4
+
+
+def check_demo_size(base, alt):
+    assert " 60 images," in alt.out and " 100 images," in base.out and not same(base, alt, "c")
+
+
+def check_grad_accum(base, alt):
+    assert [s["sizes"] for s in alt.steps] == [[4, 4]] * len(alt.steps)
+    assert [s["sizes"] for s in base.steps] == [[8]] * len(base.steps)
+    assert same(base, alt, "c", "y", "z0", "t") and same_weights(base, alt, atol=1e-5)
+
+
+def check_micro_batch_size(base, alt):
+    assert [s["sizes"] for s in alt.steps] == [[2, 2, 2, 2]] * len(alt.steps)
+    assert same(base, alt, "c", "y", "z0", "t") and same_weights(base, alt, atol=1e-5)
+
+
+def check_grad_checkpoint(base, alt):
+    assert alt.remat >= 4 * len(alt.steps) and base.remat == 0  # N's 4 blocks, every step
+    assert same_weights(base, alt, atol=1e-6)
+
+
+def check_compile(base, alt):
+    assert alt.compiled >= 1 and base.compiled == 0 and same_weights(base, alt)
+
+
+def check_precision(base, alt):
+    assert all(s["bf16"] for s in alt.steps) and not any(s["bf16"] for s in base.steps)
+
+
+def check_num_workers(base, alt):
+    assert alt.workers == [1] and base.workers == [0]
+    assert same(base, alt, "c", "y", "z0", "t") and same_weights(base, alt)
+
+
+def check_log_every(base, alt):
+    assert [r["step"] for r in alt.log] == list(range(alt.start + 1, alt.ckpt["step"] + 1))
+    assert [r["step"] for r in base.log] == [base.ckpt["step"]] and same_weights(base, alt)
+
+
+def check_ckpt_every(base, alt):
+    end = alt.ckpt["step"]
+    assert set(alt.checkpoints) >= {f"{s:07d}.pt" for s in range(alt.start + 1, end + 1)}
+    assert f"{end - 1:07d}.pt" not in base.checkpoints and same_weights(base, alt)
+
+
+def check_keep(base, alt):
+    assert alt.checkpoints == [f"{alt.ckpt['step']:07d}.pt"] and len(base.checkpoints) >= 2
+    assert same_weights(base, alt)
+
+
+def check_sample_every(base, alt):
+    assert alt.grids == ["0000002.png"] and base.grids == []
+    assert same_weights(base, alt) and same_weights(base, alt, "ema")  # a grid leaves the training alone
+
+
+def check_seed(base, alt):
+    assert not same(base, alt, "z0") and not same(base, alt, "c")
+    codebooks = [o.ckpt["vq"]["state"]["codebook"] for o in (base, alt)]
+    assert not torch.equal(*codebooks)  # the demo tokenizer is fitted from the seed too
+
+
+# setting: (the runs' common flags, the other run's flags, the check(base, other)). The common flags pick
+# the base: a demo run (quick, 2 steps, fp32), or an image folder's run ("folder" in them).
+DEMO_RUN = ("--steps", "2", "--precision", "fp32")
+FOLDER_RUN = ("folder", "--steps", "2", "--precision", "fp32", "--model", "N/4")
+SETTING_CASES = {
+    "model": (DEMO_RUN, ["--model", "N/2"], check_model),
+    "objective": (DEMO_RUN, ["--objective", "cfm"], check_objective),
+    "z_loss": (DEMO_RUN, ["--z-loss", "1e-3"], check_z_loss),
+    "class_dropout": (DEMO_RUN, ["--class-dropout", "1"], check_class_dropout),
+    "steps": (DEMO_RUN, ["--steps", "3"], check_steps),
+    "global_batch_size": (DEMO_RUN, ["--global-batch-size", "4"], check_global_batch_size),
+    "lr": (DEMO_RUN, ["--lr", "1e-2"], check_lr),
+    "warmup": (DEMO_RUN, ["--warmup", "4"], check_warmup),
+    "decay": (DEMO_RUN, ["--decay", "0.9"], check_decay),
+    "weight_decay": (DEMO_RUN, ["--weight-decay", "0.5"], adamw_check(0, 0.5)),
+    "beta1": (DEMO_RUN, ["--beta1", "0.5"], adamw_check(1, (0.5, 0.999))),
+    "beta2": (DEMO_RUN, ["--beta2", "0.9"], adamw_check(1, (0.9, 0.9))),
+    "adam_eps": (DEMO_RUN, ["--adam-eps", "1e-3"], adamw_check(2, 1e-3)),
+    "ema_decay": (DEMO_RUN, ["--ema-decay", "0.5"], check_ema_decay),
+    "time_scale": (DEMO_RUN, ["--time-scale", "1"], check_time_scale),
+    "ema_warmup": (DEMO_RUN, ["--ema-warmup"], check_ema_warmup),
+    "max_grad_norm": (DEMO_RUN, ["--max-grad-norm", "0.01"], check_max_grad_norm),
+    "t_min": (DEMO_RUN, ["--t-min", "0.5"], check_t_min),
+    "data": (FOLDER_RUN, ["--data", "other"], check_data),
+    "vq": (FOLDER_RUN, ["--vq", "llamagen-vq-ds8"], check_vq),
+    "vq_ckpt": (FOLDER_RUN, ["--vq-ckpt", "tiny32.pt"], check_vq_ckpt),
+    "image_size": (FOLDER_RUN, ["--image-size", "16"], check_image_size),
+    "demo_size": (DEMO_RUN, ["--demo-size", "60"], check_demo_size),
+    "grad_accum": (DEMO_RUN, ["--grad-accum", "2"], check_grad_accum),
+    "micro_batch_size": (DEMO_RUN, ["--micro-batch-size", "2"], check_micro_batch_size),
+    "grad_checkpoint": (DEMO_RUN, ["--grad-checkpoint"], check_grad_checkpoint),
+    "compile": (DEMO_RUN, ["--compile"], check_compile),
+    "precision": (DEMO_RUN, ["--precision", "bf16"], check_precision),
+    "num_workers": (DEMO_RUN, ["--num-workers", "1"], check_num_workers),
+    "log_every": (DEMO_RUN, ["--log-every", "1"], check_log_every),
+    "ckpt_every": (DEMO_RUN, ["--ckpt-every", "1"], check_ckpt_every),
+    "keep": ((*DEMO_RUN, "--ckpt-every", "1"), ["--keep", "1"], check_keep),
+    "sample_every": (DEMO_RUN, ["--sample-every", "2"], check_sample_every),
+    "seed": (DEMO_RUN, ["--seed", "1"], check_seed),
+}
+
+
+@pytest.fixture(scope="module")
+def setting_runs(tmp_path_factory):
+    """runs(common, flags) -> observe() of a quick run with those flags (an exception it raised instead),
+    each run once per module. "folder" in common: the run reads an image folder (demo images as PNGs) with a
+    tiny tokenizer of 64 codes; the names other and tiny32.pt in flags: a second folder, a second tokenizer
+    (32 codes)."""
+    root = tmp_path_factory.mktemp("settings")
+    images = demo_folder(root / "folder", 16, seed=5)
+    demo_folder(root / "other", 16, seed=6)
+    for name, k in (("tiny.pt", 64), ("tiny32.pt", 32)):
+        tok = vqlib.fit_tiny(appendix.to_unit(images), codebook_size=k, iters=3)
+        torch.save({"name": "tiny", "config": tok.config(), "state": tok.state_dict()}, root / name)
+    cache = {}
+
+    def runs(common, flags=()):
+        key = (tuple(common), tuple(flags))
+        if key not in cache:
+            args = [a for a in common if a != "folder"]
+            if "folder" in common:
+                args += ["--data", str(root / "folder"), "--vq", "tiny", "--vq-ckpt", str(root / "tiny.pt"),
+                         "--image-size", "32", "--global-batch-size", "8"]
+            args += [str(root / f) if f in ("other", "tiny32.pt") else f for f in flags]
+            try:
+                cache[key] = observe(root / f"run{len(cache)}", *args, quick="folder" not in common)
+            except (appendix.PurrError, vqlib.TokenizerError) as e:
+                cache[key] = e
+        return cache[key]
+    return runs
+
+
+@pytest.mark.slow  # trains
+@pytest.mark.parametrize("setting", list(purr.SETTINGS))
+def test_each_setting_changes_what_the_run_does_and_nothing_else(setting, setting_runs):
+    """Two short runs that differ in one setting: they differ where the setting acts (the batch, the draws,
+    the lr, AdamW, the weights, the EMA, the files written) and are equal where it does not."""
+    if setting not in SETTING_CASES:
+        pytest.fail(f"SETTINGS has {setting!r} and SETTING_CASES no case for it: add one (the runs' common "
+                    "flags, the other run's flags, a check that the setting changes what it should)")
+    common, flags, check = SETTING_CASES[setting]
+    base = setting_runs(common)
+    assert not isinstance(base, Exception), base
+    check(base, setting_runs(common, flags))
+
+
+def flag_args(k, v):
+    """The train flags that set setting k to v."""
+    if isinstance(v, bool):
+        return [purr.flag(k) if v else "--no-" + purr.flag(k)[2:]]
+    return [purr.flag(k), str(v)]
+
+
+def another_value(k, v):
+    """A value of setting k other than v, that the train parser accepts."""
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v + 1 if isinstance(v, int) else v * 2 + 1
+    if k in purr.CHOICES:
+        return next(c for c in purr.CHOICES[k] if c != v)
+    return "/elsewhere" if v is None else f"{v}x"
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    """resume(flags) -> observe() of a run resumed from the checkpoint of a quick 1-step demo run (fp32) to
+    --steps 3 (or as flags say), each from its own copy of the checkpoint."""
+    root = tmp_path_factory.mktemp("resumable")
+    run = train_cli(root / "first", "--steps", "1", "--precision", "fp32", quick=True)
+    first = os.path.join(run, "checkpoints", "0000001.pt")
+    cache = {}
+
+    def resume(flags=()):
+        key = tuple(flags)
+        if key not in cache:
+            folder = root / f"resumed{len(cache)}" / "run" / "checkpoints"
+            folder.mkdir(parents=True)
+            shutil.copy(first, folder / "0000001.pt")
+            cache[key] = observe(root / "unused", "--resume", str(folder / "0000001.pt"), "--steps", "3",
+                                 *flags, quick=True)
+        return cache[key]
+    return resume
+
+
+@pytest.mark.slow  # trains
+@pytest.mark.parametrize("setting", purr.RESUME_MAY_CHANGE)
+def test_each_setting_a_resumed_run_may_change_takes_effect(setting, resumable):
+    """Every entry of RESUME_MAY_CHANGE is accepted on resume, said in the run's first lines, and acts on the
+    resumed steps as it acts on a fresh run (the checks of SETTING_CASES)."""
+    if setting not in SETTING_CASES:
+        pytest.fail(f"RESUME_MAY_CHANGE has {setting!r} and SETTING_CASES no case for it: add one")
+    common, flags, check = SETTING_CASES[setting]
+    extra = [f for f in common if f not in DEMO_RUN]  # e.g. keep's --ckpt-every 1: a change the resume allows
+    if setting == "steps":
+        flags = ["--steps", "4"]
+    base, alt = resumable(extra), resumable([*extra, *flags])
+    said = [line for line in alt.out.splitlines() if line.startswith("resume: ")]
+    assert base.start == alt.start == 1 and len(said) == 1 and f"{purr.flag(setting)} " in said[0], alt.out
+    check(base, alt)
+
+
+def test_every_other_setting_is_refused_on_resume_in_one_line(tiny_ckpt, tmp_path, capsys):
+    """A resumed run changing a setting outside RESUME_MAY_CHANGE (the model, the data, the objective, the
+    optimiser's, ...) stops at once, in one line that names the flag and what may change; nothing is written."""
+    saved = purr.saved_settings(appendix.load_checkpoint(tiny_ckpt))
+    for k in purr.SETTINGS:
+        if k in purr.RESUME_MAY_CHANGE:
+            continue
+        flags = flag_args(k, another_value(k, saved[k]))
+        with pytest.raises(SystemExit) as e:
+            purr.main(["train", "--resume", tiny_ckpt, "--results-dir", str(tmp_path), *flags])
+        message = str(e.value.code)
+        assert len(message.splitlines()) == 1 and message.startswith("purr train: error: "), message
+        assert f"trained with {purr.flag(k)} " in message and "may change only --steps" in message, message
+    assert os.listdir(tmp_path) == [] and capsys.readouterr().out == ""
+
+
+# Augmentation: the seeded plan's flips reach the batches from every source.
+
+def assert_served_as_planned(obs, n, expected):
+    """Each step's codes are the plan's (index, flip) of the global batch (appendix.global_batch_plan),
+    expected(index, flip) -> codes; over the run both orientations of every image were served, and they
+    differ for most images (so a source serving one orientation for both would be seen)."""
+    served = set()
+    for step, s in enumerate(obs.steps):
+        idx, flip = appendix.global_batch_plan(n, step, len(s["c"]), obs.ckpt["args"]["seed"])
+        for row, (i, f) in enumerate(zip(idx.tolist(), flip.tolist())):
+            assert torch.equal(s["c"][row], expected(i, f)), (step, row, i, f)
+            served.add((i, f))
+    assert served == {(i, f) for i in range(n) for f in (0, 1)}
+    assert sum(not torch.equal(expected(i, 0), expected(i, 1)) for i in range(n)) >= n // 2
+
+
+@pytest.mark.slow  # trains
+def test_both_orientations_of_every_image_reach_the_batches_from_each_source(tmp_path):
+    """Over 12 epochs of 8 images (a global batch each), every image is served in both orientations, each
+    exactly where the seeded plan puts it: from an image folder, from the token folder `extract` made of it, and
+    from the demo."""
+    n, common = 8, ["--steps", "12", "--global-batch-size", "8", "--model", "N/4", "--precision", "fp32"]
+    images = demo_folder(tmp_path / "data", n, seed=3)
+    tok = vqlib.fit_tiny(appendix.to_unit(images), codebook_size=32, iters=3)
+    torch.save({"name": "tiny", "config": tok.config(), "state": tok.state_dict()}, tmp_path / "tiny.pt")
+    folder = appendix.ImageFolder(str(tmp_path / "data"), 32)  # its order: by class, then file name
+    pixels = torch.stack([folder[(i, 0)][0] for i in range(n)])
+
+    def encoded(i, f):
+        x = pixels[i:i + 1]
+        return tok.encode(appendix.to_unit(x.flip(3) if f else x))[0]
+    source = ["--data", str(tmp_path / "data"), "--vq", "tiny", "--vq-ckpt", str(tmp_path / "tiny.pt"),
+              "--image-size", "32"]
+    assert_served_as_planned(observe(tmp_path / "images", *common, *source, quick=False), n, encoded)
+    purr.main(["extract", *source[:-2], "--out", str(tmp_path / "tok"), "--image-size", "32", "--num-workers",
+               "0"])
+    obs = observe(tmp_path / "tokens", *common, "--data", str(tmp_path / "tok"), quick=False)
+    assert_served_as_planned(obs, n, encoded)
+    demo = observe(tmp_path / "demo", *common, "--demo-size", str(n), quick=True)
+    demo_tok = vqlib.load_tokenizer("tiny", appendix.checkpoint_paths(str(tmp_path / "demo"))[-1])
+    shapes = appendix.demo_dataset(n)[0]
+
+    def demo_encoded(i, f):
+        x = shapes[i:i + 1]
+        return demo_tok.encode(appendix.to_unit(x.flip(3) if f else x))[0]
+    assert_served_as_planned(demo, n, demo_encoded)
+
+
+# Extract: a re-run does only what is missing.
+
+def test_a_rerun_of_an_interrupted_extract_encodes_only_the_missing_images(image_folder, tmp_path, monkeypatch):
+    """SIGTERM during the first batch stops extract after it; the same command again reads and encodes each
+    image not yet done exactly once (and its flip), and a third run, with all done, encodes nothing."""
+    real_load, real_get = vqlib.load_tokenizer, appendix.ImageFolder.__getitem__
+    encoded, read, stop_after = [], [], [1]
+
+    def load(name, path, **kw):
+        tok = real_load(name, path, **kw)
+        real_encode = tok.encode
+
+        def encode(x):
+            encoded.append(len(x))
+            if len(encoded) == stop_after[0]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_encode(x)
+        tok.encode = encode
+        return tok
+
+    def get(self, item):
+        read.append(item[0])
+        return real_get(self, item)
+    monkeypatch.setattr(vqlib, "load_tokenizer", load)
+    monkeypatch.setattr(appendix.ImageFolder, "__getitem__", get)
+    args = ["extract", "--data", str(image_folder / "data"), "--vq", "tiny", "--vq-ckpt",
+            str(image_folder / "tiny.pt"), "--out", str(tmp_path / "tok"), "--image-size", "32", "--batch-size",
+            "16", "--num-workers", "0"]
+    purr.main(args)
+    done = np.load(tmp_path / "tok" / "done.npy")
+    assert done.sum() == 16 and sum(encoded) == 2 * 16 and sorted(read) == sorted(np.flatnonzero(done))
+    first = set(read)
+    encoded.clear()
+    read.clear()
+    stop_after[0] = 0  # no signal
+    purr.main(args)
+    assert np.load(tmp_path / "tok" / "done.npy").all()
+    assert sum(encoded) == 2 * 24 and sorted(read) == sorted(set(range(40)) - first)  # each missing one once
+    encoded.clear()
+    read.clear()
+    purr.main(args)
+    assert encoded == [] and read == []
+    folder, tok = appendix.ImageFolder(str(image_folder / "data"), 32), real_load("tiny", image_folder / "tiny.pt")
+    x = torch.stack([real_get(folder, (i, 0))[0] for i in range(40)])
+    assert np.array_equal(np.load(tmp_path / "tok" / "tokens.npy")[:, 1],
+                          tok.encode(appendix.to_unit(x.flip(3))).numpy())
+
+
+# Pictures: which weights, which time.
+
+@pytest.mark.slow  # trains
+def test_sample_every_grids_come_from_the_ema_not_the_live_weights(tmp_path):
+    """With an EMA that differs from the live weights (--ema-decay 0.5), the grid of step 2 is what `purr.py
+    sample` draws from checkpoint 2 (its EMA) with the grid's noise and labels, and not what the live
+    weights draw."""
+    run = train_cli(tmp_path / "r", "--steps", "2", "--sample-every", "2", "--ema-decay", "0.5", "--lr", "3e-2",
+                    "--precision", "fp32", quick=True)
+    ckpt_path = os.path.join(run, "checkpoints", "0000002.pt")
+    ckpt = appendix.load_checkpoint(ckpt_path)
+    key = "final_layer.linear.weight"
+    assert not torch.equal(ckpt["ema"][key], ckpt["model"][key])
+    live = dict(ckpt, ema=ckpt["model"])
+    torch.save(live, tmp_path / "live.pt")
+    common = ["sample", "--num-steps", "100", "--num-samples", "40", "--seed", "0", "--precision", "fp32"]
+    purr.main([*common, "--ckpt", ckpt_path, "--out", str(tmp_path / "ema.png")])
+    purr.main([*common, "--ckpt", str(tmp_path / "live.pt"), "--out", str(tmp_path / "live.png")])
+    grid, ema, live = (np.asarray(Image.open(p)) for p in (os.path.join(run, "samples", "0000002.png"),
+                                                           tmp_path / "ema.png", tmp_path / "live.png"))
+    assert np.array_equal(grid, ema) and not np.array_equal(grid, live)
+
+
+def test_entropy_map_shows_pi_at_exactly_entropy_t(tiny_ckpt, tmp_path, monkeypatch):
+    """With 4 Euler steps pi is evaluated at t = 0, 1/4, 1/2, 3/4: --entropy-t 0.5 maps the entropy of the pi of
+    t = 1/2 (at tau(1/2) of a linear schedule), 0 black .. log K white, and not that of a neighbouring time."""
+    ckpt = with_perturbed_ema(tiny_ckpt, tmp_path / "ckpt.pt")
+    calls, real_load = [], purr.load_sampler
+
+    def load(*args, **kw):
+        loaded = real_load(*args, **kw)
+        loaded[0].register_forward_hook(lambda m, inputs, out: calls.append((float(inputs[1][0]), out.clone())))
+        return loaded
+    monkeypatch.setattr(purr, "load_sampler", load)
+    purr.main(["sample", "--ckpt", ckpt, "--num-steps", "4", "--num-samples", "20", "--entropy-map", "--entropy-t",
+               "0.5", "--tau-schedule", "linear", "--tau", "0.5", "--tau-end", "1.5", "--precision", "fp32",
+               "--out", str(tmp_path / "s.png")])
+    got = np.asarray(Image.open(tmp_path / "s_entropy.png")).astype(int)
+    assert [t for t, _ in calls] == [0.0, 0.25, 0.5, 0.75]
+    K = appendix.load_checkpoint(ckpt)["args"]["codebook_size"]
+    maps = {}
+    for t, logits in calls:
+        logp = torch.log_softmax(logits.double() / (0.5 + t), -1)  # tau(t) = 0.5 + (1.5 - 0.5) t
+        h = purr.unpatchify(-(logp.exp() * logp).sum(-1, keepdim=True))[:, 0] / math.log(K)
+        appendix.save_grid(appendix.heat_map(h.float(), 32), 10, tmp_path / f"{t}.png")
+        maps[t] = np.asarray(Image.open(tmp_path / f"{t}.png")).astype(int)
+    assert np.abs(got - maps[0.5]).max() <= 1
+    assert np.abs(got - maps[0.25]).max() > 10 and np.abs(got - maps[0.75]).max() > 10
+
+
+# Names on the right numbers: precision is the samples' share on the reference's manifold, recall the
+# reference's share on the samples'.
+
+def test_fid_metrics_partial_coverage_is_high_precision_and_low_recall():
+    """Samples covering one of the reference's five clusters: every sample lies on the reference's manifold
+    (precision 1), four fifths of the reference lie off the samples' (recall 0.2), by name."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16)) * 10
+    ref = np.concatenate([c + rng.normal(size=(40, 16)) for c in centres]).astype(np.float32)
+    samples = ref[:40]  # the reference's first cluster
+    stats = [fid.summarize({"pool": x, "spatial": x[:, :4], "logits": x}, name)
+             for x, name in ((samples, "samples"), (ref, "ref"))]
+    results = fid.metrics(*stats)
+    assert (results["precision"][0], results["recall"][0]) == pytest.approx((1.0, 0.2)), results
+    swapped = fid.metrics(stats[1], stats[0])  # the reference seen as samples: the names trade values
+    assert (swapped["precision"][0], swapped["recall"][0]) == pytest.approx((0.2, 1.0)), swapped
+
+
+def test_fid_cli_partial_coverage_is_high_precision_and_low_recall(official, tmp_path, capsys, monkeypatch):
+    """fid.py SAMPLES REF, the samples being the reference's images of one colour of four: precision 1, recall
+    near 1/4, on the report's lines of those names."""
+    monkeypatch.setattr(fid, "frechet_distance", lambda *a, **k: 0.0)  # FID's 2048-d sqrtm: not what is tested
+    rng = np.random.default_rng(1)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "samples").mkdir()
+    colours = [(230, 30, 30), (30, 200, 40), (40, 40, 220), (240, 240, 240)]
+    for i in range(16):  # few images: the Inception's 299^2 pass dominates the test's time
+        im = np.clip(np.array(colours[i % 4]) + rng.normal(0, 6, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(im).save(tmp_path / "ref" / f"{i:03d}.png")
+        if i % 4 == 0:
+            Image.fromarray(im).save(tmp_path / "samples" / f"{i:03d}.png")
+    weights = official("seeded", "inception")[0]
+    got = fid_metrics(fid_cli(capsys, tmp_path / "samples", tmp_path / "ref", "--inception", weights))
+    assert got["precision"] == 1.0 and got["recall"] < 0.5, got
+
+
+# The demo tokenizer: its latents at the noise's scale.
+
+def test_demo_tokenizer_codebook_is_fitted_to_unit_variance(tiny_ckpt):
+    """The demo's codebook (DEMO_TOKENIZER, fitted in the run, saved in its checkpoints) is centred with
+    variance 1, the scale of z_0 ~ N(0, I): z_t mixes noise and codes at the scale the method assumes."""
+    spec = appendix.load_checkpoint(tiny_ckpt)["vq"]
+    codebook = spec["state"]["codebook"]
+    assert spec["config"] == {k: purr.DEMO_TOKENIZER[k] for k in ("codebook_size", "dim", "patch")}
+    assert codebook.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert codebook.mean(0).abs().max().item() < 1e-5
+    assert codebook.std(0).min() > 0.05  # every one of the d directions is used
+
+
+# Counts that show at scale only: every loop in fixed chunks, with more than one chunk.
+
+def test_adm_batch_of_more_images_than_one_chunk_is_written_whole(tmp_path):
+    """write_adm_npz streams 256 images at a time: 300 + 7 images from two shards come back whole, in order."""
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (300, 7)]
+    for i, a in enumerate(shards):
+        np.save(tmp_path / f"s{i}.npy", a)
+    labels = np.arange(307) % 10
+    appendix.write_adm_npz(str(tmp_path / "b.npz"), [str(tmp_path / f"s{i}.npy") for i in range(2)], labels)
+    with np.load(tmp_path / "b.npz") as f:
+        assert np.array_equal(f["arr_0"], np.concatenate(shards)) and np.array_equal(f["arr_1"], labels)
+
+
+def test_nearest_code_over_more_rows_than_one_chunk():
+    """Rows go in chunks of 16384: 20000 positions, each next to its own code, all find it."""
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.eye(8).repeat(2, 1) * torch.tensor([1.0] * 8 + [3.0] * 8)[:, None]  # 16 distinct codes
+    c = torch.randint(0, 16, (5, 40, 100), generator=g)
+    z = codebook[c].permute(0, 3, 1, 2) + 0.01 * torch.randn(5, 8, 40, 100, generator=g)
+    assert torch.equal(vqlib.nearest_code(z, codebook), c)
+
+
+def test_entropy_and_code_draws_over_more_positions_than_one_chunk():
+    """entropy and draw_codes go through logits POSITIONS_PER_CHUNK rows at a time: over more rows (and a
+    remainder) each row's value is the one-row formula's."""
+    g = torch.Generator().manual_seed(0)
+    n = getattr(purr, "POSITIONS_PER_CHUNK", 4096) * 2 + 5
+    logits, u = 3 * torch.randn(1, n, 1, 16, generator=g), torch.rand(1, n, 1, generator=g)
+    logp = torch.log_softmax(logits / 0.7, -1)
+    torch.testing.assert_close(purr.entropy(logits, 0.7), -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=0)
+    cdf = torch.softmax(logits / 0.7, -1).cumsum(-1)
+    want = (cdf <= u[..., None]).sum(-1).clamp(max=15)
+    assert (purr.draw_codes(logits, 0.7, u) == want).float().mean() > 0.999
+
+
+def test_fid_features_over_several_batches_keep_the_evenly_spaced_images():
+    """features() runs the network batch by batch (23 images in batches of 5) and keeps `keep` images evenly
+    spaced over all of them, whichever batch they fall in."""
+    class Stub(torch.nn.Module):  # a "network" whose features name each image
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            f = x.float().mean((1, 2, 3))[:, None]
+            return {"pool": f, "spatial": f, "logits": f}
+    x = torch.arange(23, dtype=torch.uint8).view(23, 1, 1, 1).expand(23, 3, 2, 2).contiguous()
+    out = fid.features(x, Stub(), batch_size=5, keep=7)
+    assert out["pool"][:, 0].tolist() == list(range(23))
+    assert out["images"][:, 0, 0, 0].tolist() == [i * 23 // 7 for i in range(7)]
 
 
 # --- benchmarks/: miniature.py and its metric ---------------------------------------------------------------
