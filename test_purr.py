@@ -2587,6 +2587,10 @@ def check_num_workers(base, alt):
     assert same(base, alt, "c", "y", "z0", "t") and same_weights(base, alt)
 
 
+def check_grad_compression(base, alt):  # one process all-reduces nothing (two: the torchrun test above)
+    assert alt.ckpt["args"]["grad_compression"] == "bf16" and same_weights(base, alt)
+
+
 def check_log_every(base, alt):
     assert [r["step"] for r in alt.log] == list(range(alt.start + 1, alt.ckpt["step"] + 1))
     assert [r["step"] for r in base.log] == [base.ckpt["step"]] and same_weights(base, alt)
@@ -2648,6 +2652,7 @@ SETTING_CASES = {
     "compile": (DEMO_RUN, ["--compile"], check_compile),
     "precision": (DEMO_RUN, ["--precision", "bf16"], check_precision),
     "num_workers": (DEMO_RUN, ["--num-workers", "1"], check_num_workers),
+    "grad_compression": (DEMO_RUN, ["--grad-compression", "bf16"], check_grad_compression),
     "log_every": (DEMO_RUN, ["--log-every", "1"], check_log_every),
     "ckpt_every": (DEMO_RUN, ["--ckpt-every", "1"], check_ckpt_every),
     "keep": ((*DEMO_RUN, "--ckpt-every", "1"), ["--keep", "1"], check_keep),
