@@ -138,6 +138,20 @@ class BlockE(nn.Module):  # Mixed_7b: FIDInceptionE_1 (avg pool); Mixed_7c: FIDI
                           self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pool)], 1)
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """Every fp32 product inside in full fp32: the Inception's convolutions and fc, and the metrics' products
+    (KID's kernels, precision and recall's distances), whatever the caller set (purr turns TF32 on for the
+    DiT, and it is cuDNN's default on Ampere and later): TF32 would move the features by ~1e-3. The CPU has
+    no TF32; there the flags change nothing."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def resize_tf1(x, size=299):
     """TF1 bilinear resize (align_corners=False): src = dst * in/out, no half-pixel offset. The same float32
     ops in the same order as torch-fidelity's interpolate_compat_tensorflow, so the result is bit-exact."""
@@ -180,10 +194,7 @@ class InceptionV3(nn.Module):
     def forward(self, x):
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise FIDError(f"expected uint8 images [N, 3, H, W], got {x.dtype} {list(x.shape)}")
-        # TF32 convolutions (default on Ampere and later) would move the features by ~1e-3
-        no_tf32 = (torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if x.is_cuda
-                   else contextlib.nullcontext())
-        with no_tf32:
+        with no_tf32():
             x = chain(self.normalize(x), self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
             x = chain(F.max_pool2d(x, 3, 2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
             x = chain(F.max_pool2d(x, 3, 2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
@@ -193,8 +204,8 @@ class InceptionV3(nn.Module):
             # batches.
             spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
             pool = chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c).mean((2, 3))
-        # the fc without its bias: ADM's softmax/logits/MatMul, torch-fidelity's logits_unbiased
-        return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.weight.T}
+            # the fc without its bias: ADM's softmax/logits/MatMul, torch-fidelity's logits_unbiased
+            return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.weight.T}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +452,7 @@ def inception_score(logits, splits=10, seed=2020):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+@no_tf32()
 def kid(feats1, feats2, subsets=100, subset_size=1000, seed=2020, device="cpu"):
     """torch-fidelity's KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3 between subset_size features
     of feats1 (the samples) and of feats2, drawn without replacement from one RandomState; (mean, std) over
@@ -472,6 +484,7 @@ def manifold_radii(feats, k=3, batch=5000):
     return torch.cat(radii)
 
 
+@no_tf32()
 def precision_recall(ref, samples, k=3, batch=5000, device="cpu"):
     """ADM's improved precision and recall (Kynkäänniemi et al. 2019) on features [N, D]: precision, the
     fraction of samples within the k-NN radius of some reference; recall, of references within that of some
@@ -488,9 +501,15 @@ def precision_recall(ref, samples, k=3, batch=5000, device="cpu"):
     return samples_in.float().mean().item(), ref_in.float().mean().item()
 
 
-def metrics(samples, ref, device="cpu"):
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def metrics(samples, ref, device=None):
     """Every metric of samples against ref (statistics() of each), as {name: (value, its convention)}; a
-    metric whose inputs a side lacks has (the reason, None)."""
+    metric whose inputs a side lacks has (the reason, None). KID, precision and recall run on `device`
+    (default: a GPU when there is one), in full fp32."""
+    device = device or default_device()
     def lacking(sides, key, what):
         return next((f"{s['name']} has no {what}" for s in sides if key not in s), None)
     out = {"FID": (frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"]),
@@ -542,7 +561,7 @@ def main(argv=None):
                         "pytorch-fid: torch resize")
     p.add_argument("--center-crop", type=int, metavar="SIZE",
                    help="center-crop folder images to SIZE^2 as ADM does (ImageNet val: 256)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="default: a GPU when there is one")
     p.add_argument("--num-images", type=int,
                    help="use the first N images of each image source, e.g. 10000 for FID-10k "
                         "(not of statistics)")
