@@ -116,19 +116,13 @@ def center_crop(img, size):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """ImageNet layout: root/<class>/<image>; classes sorted by name. Items are (index, flip)."""
+    """ImageNet layout: root/<class>/<image>; classes sorted by name. Items are (index, flip). Under
+    torch.distributed, rank 0 alone lists the folder (list_images) and sends the list to the other ranks:
+    32 ranks each listing 1.28M files at once load a shared filesystem for minutes."""
 
     def __init__(self, root, size):
-        if not os.path.isdir(root):
-            raise PurrError(f"--data {root}: no such folder; "
-                            "give an image folder with one sub-folder per class")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files = [(f, y) for y, d in enumerate(self.classes)
-                      for f in sorted(glob.glob(os.path.join(root, d, "*")))
-                      if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(f)]  # not a folder x.jpg
-        if not self.files:
-            raise PurrError(f"--data {root}: no images found; expected {root}/<class>/<image>.png|jpg "
-                            "(one sub-folder per class)")
+        self.classes, names = on_rank_0(list_images, root)
+        self.files = [(os.path.join(root, d, f), y) for y, d in enumerate(self.classes) for f in names[y]]
         self.size, self.num_classes = size, len(self.classes)
         self.labels = torch.tensor([y for _, y in self.files])
 
@@ -155,18 +149,68 @@ class ImageFolder(torch.utils.data.Dataset):
         return x, self.labels[j], bad
 
 
+def list_images(root):
+    """(classes, the image names of each class) of an ImageNet layout, sorted: one scan of each folder, whose
+    entries' types need no stat of the files on most filesystems. Hidden files are skipped, as glob does."""
+    if not os.path.isdir(root):
+        raise PurrError(f"--data {root}: no such folder; give an image folder with one sub-folder per class")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    names = []
+    for d in classes:
+        with os.scandir(os.path.join(root, d)) as entries:
+            names.append(sorted(e.name for e in entries if not e.name.startswith(".")  # not a folder x.jpg
+                                and e.name.lower().endswith(IMAGE_EXTS) and e.is_file()))
+    if not any(names):
+        raise PurrError(f"--data {root}: no images found; expected {root}/<class>/<image>.png|jpg "
+                        "(one sub-folder per class)")
+    return classes, names
+
+
+def on_rank_0(fn, *args):
+    """fn(*args) computed by rank 0 and sent to every rank when torch.distributed is initialised (fn's
+    PurrError is raised on every rank), else computed here."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return fn(*args)
+    box = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box[0] = fn(*args)
+        except PurrError as e:
+            box[0] = e
+    torch.distributed.broadcast_object_list(box, src=0)
+    if isinstance(box[0], PurrError):
+        raise box[0]
+    return box[0]
+
+
 class TokenFolder(torch.utils.data.Dataset):
-    """Pre-encoded data: tokens [N,2,h,w] (the image and its horizontal flip), labels [N]."""
+    """Pre-encoded data: tokens [N,2,h,w] (the image and its horizontal flip), labels [N]; each an array in
+    memory (the demo's) or the path of a .npy file (a token folder's), memory-mapped in each process on first
+    use. A pickled TokenFolder (what a DataLoader worker gets under spawn or forkserver) holds the paths,
+    not the maps: NumPy pickles a memory map with all its data, 5 GB for ImageNet's tokens."""
 
     def __init__(self, tokens, labels, num_classes):
-        self.tokens, self.labels, self.num_classes = tokens, torch.as_tensor(labels), num_classes
+        self.sources, self.num_classes = {"tokens": tokens, "labels": labels}, num_classes
+        self.maps = {}
+        self.n = len(self.array("labels"))
+
+    def array(self, name):
+        """The tokens or the labels: the array itself, or its file's map, opened once per process."""
+        if name not in self.maps:
+            src = self.sources[name]
+            self.maps[name] = np.load(src, mmap_mode="r") if isinstance(src, (str, os.PathLike)) else src
+        return self.maps[name]
+
+    def __getstate__(self):
+        return {**self.__dict__, "maps": {}}
 
     def __len__(self):
-        return len(self.labels)
+        return self.n
 
     def __getitem__(self, item):
         i, flip = item
-        return torch.from_numpy(np.asarray(self.tokens[i, flip], dtype=np.int64)), self.labels[i], []
+        tokens = torch.from_numpy(np.asarray(self.array("tokens")[i, flip], dtype=np.int64))
+        return tokens, torch.as_tensor(self.array("labels")[i], dtype=torch.int64), []
 
 
 @functools.lru_cache(maxsize=2)
@@ -256,34 +300,44 @@ class Unreadable:
 
 def extract_tokens(data, tok, out, meta, batch_size, num_workers, rank, world, device):
     """`purr.py extract`: every image of an ImageFolder and its horizontal flip, encoded once into the token
-    folder `out`: tokens.npy (uint16 [N,2,h,w], memory-mapped), labels.npy, meta.json, and done.npy, which
-    makes an interrupted run resumable. Each rank encodes every world-th image."""
+    folder `out`: tokens.npy (uint16 [N,2,h,w], memory-mapped by training), labels.npy, meta.json, and
+    done.npy, which makes an interrupted run resumable: a run encodes only the rows not done. Rank r encodes
+    the r-th contiguous block of rows and writes exactly their bytes (NpyRows); a row is marked done only
+    once its tokens and label are on disk."""
     h = meta["image_size"] // tok.downsample
-    tokens, labels, done = token_folder(out, meta, data, h, rank, world)
-    todo = [(i, 0) for i in range(rank, len(data), world) if not done[i]]
+    token_folder(out, meta, data, h, rank, world)
+    block = range(rank * len(data) // world, (rank + 1) * len(data) // world)  # this rank's rows
+    done = np.load(os.path.join(out, "done.npy"))
+    todo = [(i, 0) for i in block if not done[i]]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=num_workers,
                                          collate_fn=collate)
     # Each file is this rank's alone, so unreadable ones are reported and counted per rank, and a signal
     # stops each rank at its next batch boundary without waiting for the others.
     unreadable, progress = Unreadable(data, 1), Progress("extract", len(todo) * world, len(todo), "images")
-    with stop_requests() as stop:
+    files = {k: NpyRows(os.path.join(out, k + ".npy")) for k in ("tokens", "labels", "done")}
+    with stop_requests() as stop, contextlib.ExitStack() as closing:
+        for f in files.values():
+            closing.callback(f.close)
         for (x, y, bad), items in zip(loader, batches):
             unreadable.add(unreadable.fresh(bad), 0)
             idx = [i for i, _ in items]
             x = to_unit(x.to(device))
             c = torch.stack([tok.encode(x), tok.encode(x.flip(3))], 1)
-            tokens[idx], labels[idx] = c.cpu().numpy().astype(np.uint16), y.numpy()  # a replacement's label
-            tokens.flush()
-            labels.flush()
-            done[idx] = True  # only after the tokens are on disk
-            done.flush()
+            files["tokens"].write(idx, c.cpu().numpy())
+            files["labels"].write(idx, y.numpy())  # a replacement's label
+            files["tokens"].sync()
+            files["labels"].sync()
+            files["done"].write(idx, np.ones(len(idx), bool))  # only after the tokens are on disk
             if rank == 0:
                 progress.update(len(idx))
             if stop:
-                print(f"extract: stopped by signal on rank {rank} with {int(done.sum())}/{len(data)} images "
-                      "done; rerun the same command to finish", flush=True)
+                files["done"].sync()
+                n = int(np.load(os.path.join(out, "done.npy")).sum())
+                print(f"extract: stopped by signal on rank {rank} with {n}/{len(data)} images done; rerun "
+                      "the same command to finish", flush=True)
                 return
+        files["done"].sync()
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -292,18 +346,52 @@ def extract_tokens(data, tok, out, meta, batch_size, num_workers, rank, world, d
               f"{len(unreadable.seen)} unreadable replaced on rank 0")
 
 
+class NpyRows:
+    """Rows of an .npy file written in place with os.pwrite: exactly their bytes. Ranks on several nodes
+    share the file's pages (a token row is 4 KB, behind a 128-byte header; done.npy holds 4096 rows a page);
+    a shared memory map writes back whole pages, so one node's write-back could overwrite rows that
+    another node wrote into the same page."""
+
+    def __init__(self, path):
+        m = np.load(path, mmap_mode="r")
+        self.offset, self.dtype, self.shape = m.offset, m.dtype, m.shape
+        self.row = m.dtype.itemsize * math.prod(m.shape[1:])
+        del m
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, rows, values):
+        """values[j] into row rows[j] (increasing), one write per run of consecutive rows."""
+        values = np.ascontiguousarray(values, self.dtype).reshape(len(rows), *self.shape[1:])
+        start = 0
+        for end in range(1, len(rows) + 1):
+            if end == len(rows) or rows[end] != rows[end - 1] + 1:
+                data = memoryview(values[start:end].tobytes())
+                at = self.offset + rows[start] * self.row
+                while data:  # pwrite may write less than asked
+                    n = os.pwrite(self.fd, data, at)
+                    data, at = data[n:], at + n
+                start = end
+
+    def sync(self):
+        os.fsync(self.fd)
+
+    def close(self):
+        os.close(self.fd)
+
+
 def token_folder(out, meta, data, h, rank, world):
-    """The memory-mapped tokens, labels and done flags of `out`, created by rank 0 on the first run."""
+    """Creates the token folder `out` on rank 0 in the first run: zero tokens, the folder's labels, meta.json
+    and done.npy (all False), the last one last."""
     paths = {k: os.path.join(out, k + ".npy") for k in ("tokens", "labels", "done")}
     if rank == 0 and not os.path.isfile(paths["done"]):
         os.makedirs(out, exist_ok=True)
         np.lib.format.open_memmap(paths["tokens"], "w+", np.uint16, (len(data), 2, h, h)).flush()
         np.save(paths["labels"], data.labels.numpy())
-        json.dump(meta, open(os.path.join(out, "meta.json"), "w"), indent=1)
+        with open(os.path.join(out, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
         np.save(paths["done"], np.zeros(len(data), bool))
     if world > 1:
         torch.distributed.barrier()
-    return [np.load(paths[k], mmap_mode="r+") for k in ("tokens", "labels", "done")]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -181,7 +181,6 @@ class InceptionV3(nn.Module):
     def forward(self, x):
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise FIDError(f"expected uint8 images [N, 3, H, W], got {x.dtype} {list(x.shape)}")
-        # TF32 convolutions (default on Ampere and later) would move the features by ~1e-3
         with full_fp32():
             x = chain(self.normalize(x), self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
             x = chain(F.max_pool2d(x, 3, 2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
@@ -440,6 +439,7 @@ def inception_score(logits, splits=10, seed=2020):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+@full_fp32()
 def kid(feats1, feats2, subsets=100, subset_size=1000, seed=2020, device="cpu"):
     """torch-fidelity's KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3 between subset_size features
     of feats1 (the samples) and of feats2, drawn without replacement from one RandomState; (mean, std) over
@@ -471,6 +471,7 @@ def manifold_radii(feats, k=3, batch=5000):
     return torch.cat(radii)
 
 
+@full_fp32()
 def precision_recall(ref, samples, k=3, batch=5000, device="cpu"):
     """ADM's improved precision and recall (Kynkäänniemi et al. 2019) on features [N, D]: precision, the
     fraction of samples within the k-NN radius of some reference; recall, of references within that of some
@@ -487,9 +488,15 @@ def precision_recall(ref, samples, k=3, batch=5000, device="cpu"):
     return samples_in.float().mean().item(), ref_in.float().mean().item()
 
 
-def metrics(samples, ref, device="cpu"):
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def metrics(samples, ref, device=None):
     """Every metric of samples against ref (statistics() of each), as {name: (value, its convention)}; a
-    metric whose inputs a side lacks has (the reason, None)."""
+    metric whose inputs a side lacks has (the reason, None). KID, precision and recall run on `device`
+    (default: a GPU when there is one), in full fp32."""
+    device = device or default_device()
     def lacking(sides, key, what):
         return next((f"{s['name']} has no {what}" for s in sides if key not in s), None)
     out = {"FID": (frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"]),
@@ -541,7 +548,7 @@ def main(argv=None):
                         "pytorch-fid: torch resize")
     p.add_argument("--center-crop", type=int, metavar="SIZE",
                    help="center-crop folder images to SIZE^2 as ADM does (ImageNet val: 256)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="default: a GPU when there is one")
     p.add_argument("--num-images", type=int,
                    help="use the first N images of each image source, e.g. 10000 for FID-10k "
                         "(not of statistics)")

@@ -579,7 +579,7 @@ def train(args):
     net = torch.compile(net) if cfg["compile"] else net
     loader = training_loader(cfg, data, step, rank, world, rows, device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg["precision"] == "bf16")
-    codebook, unreadable, last_saved = tok.codebook.to(device), Unreadable(data, world), ckpt_path
+    codebook, unreadable, last_saved = tok.codebook, Unreadable(data, world), ckpt_path
     log, pending = Log(run, world, global_batch, step), None
     with stop_requests() as stop:
         for x, y, bad, draws in loader:
@@ -734,15 +734,15 @@ def flag(k):
 
 
 def open_data(cfg, device, resumed=None):
-    """The training data and the frozen tokenizer. With no --data: the built-in demo images, a tiny
-    tokenizer fitted on them (DEMO_TOKENIZER; a resumed run's is the one in its checkpoint), and all images
-    (and flips) encoded once."""
+    """The training data and the frozen tokenizer, on the run's device. With no --data: the built-in demo
+    images, a tiny tokenizer fitted on them (DEMO_TOKENIZER; a resumed run's is the one in its checkpoint),
+    and all images (and flips) encoded once, on the CPU."""
     if cfg["data"] is None:
         images, labels = demo_dataset(cfg["demo_size"])
         tok = vqlib.load_tokenizer("tiny", resumed) if resumed else \
             vqlib.fit_tiny(to_unit(images), seed=cfg["seed"], **DEMO_TOKENIZER)
         tokens = torch.stack([tok.encode(to_unit(images)), tok.encode(to_unit(images.flip(3)))], 1)
-        return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok
+        return TokenFolder(tokens.numpy(), labels, len(DEMO_CLASSES)), tok.to(device)
     if os.path.isfile(os.path.join(cfg["data"], "meta.json")):
         return open_tokens(cfg, device)
     data = ImageFolder(cfg["data"], cfg["image_size"])  # first: a missing folder is the error to report
@@ -758,11 +758,10 @@ def open_tokens(cfg, device):
     if not done.all():
         raise PurrError(f"{folder}: extraction is incomplete ({int(done.sum())}/{len(done)} images); "
                         "rerun the same 'purr.py extract' command to finish it")
-    tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
-    labels = np.load(os.path.join(folder, "labels.npy"))
     cfg.update(vq=meta["vq"], vq_ckpt=cfg["vq_ckpt"] or meta["vq_ckpt"])
     tok = vqlib.load_tokenizer(cfg["vq"], cfg["vq_ckpt"]).to(device)
-    return TokenFolder(tokens, labels, len(meta["classes"])), tok
+    paths = (os.path.join(folder, f"{k}.npy") for k in ("tokens", "labels"))
+    return TokenFolder(*paths, len(meta["classes"])), tok
 
 
 def latent_shape(cfg, data, tok):
@@ -898,7 +897,7 @@ def sample(args):
         schedule = f" -> {args.tau_end} ({args.tau_schedule})" if args.tau_schedule != "constant" else ""
         recipe = (f"{n} samples from {ckpt_path} (EMA, step {step}, {cfg['objective']}), tau={args.tau}"
                   f"{schedule} cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
-        write_samples(args, world, labels, y, recipe)
+        write_samples(args, world, labels, y, recipe, device)
         if args.entropy_map:
             write_entropy_map(args, world, labels, cfg["codebook_size"], pixels)
     if world > 1:
@@ -1001,8 +1000,9 @@ def entropy_recorder(tau, at, out):
     return record
 
 
-def write_samples(args, world, labels, y, recipe):
-    """Rank 0 merges the ranks' shards into the grid or the ADM batch, then scores it against --fid-ref."""
+def write_samples(args, world, labels, y, recipe, device):
+    """Rank 0 merges the ranks' shards into the grid or the ADM batch, then scores it against --fid-ref on
+    the device it sampled on (the Inception's convolutions and the metrics' products in full fp32)."""
     shards = [f"{args.out}.rank{r}.npy" for r in range(world)]
     if args.out.endswith(".png"):
         images = torch.from_numpy(np.concatenate([np.load(s) for s in shards])).permute(0, 3, 1, 2)
@@ -1013,8 +1013,8 @@ def write_samples(args, world, labels, y, recipe):
         os.remove(s)
     print(f"purr sample: {recipe} -> {args.out}", flush=True)
     if args.fid_ref:
-        model = fid.load_inception()
-        results = fid.metrics(fid.statistics(args.out, model), fid.statistics(args.fid_ref, model))
+        model = fid.load_inception().to(device)
+        results = fid.metrics(fid.statistics(args.out, model), fid.statistics(args.fid_ref, model), device)
         print(f"vs {args.fid_ref}: {recipe}\n" + "\n".join(fid.report(results)), flush=True)
 
 
