@@ -2902,6 +2902,12 @@ SETTING_CASES = {
 }
 
 
+# What a resumed run may change (RESUME_MAY_CHANGE, written out): the schedule, logging, disk, and how the
+# same global batch is computed. Every other setting of SETTINGS is refused on resume.
+RESUMABLE = ["steps", "lr", "warmup", "decay", "log_every", "ckpt_every", "sample_every", "keep", "num_workers",
+             "precision", "grad_accum", "micro_batch_size", "grad_checkpoint", "compile"]
+
+
 @pytest.fixture(scope="module")
 def setting_runs(tmp_path_factory):
     """runs(common, flags) -> observe() of a quick run with those flags (an exception it raised instead),
@@ -2986,12 +2992,10 @@ def resumable(tmp_path_factory):
 
 
 @pytest.mark.slow  # trains
-@pytest.mark.parametrize("setting", purr.RESUME_MAY_CHANGE)
+@pytest.mark.parametrize("setting", RESUMABLE)
 def test_each_setting_a_resumed_run_may_change_takes_effect(setting, resumable):
-    """Every entry of RESUME_MAY_CHANGE is accepted on resume, said in the run's first lines, and acts on the
-    resumed steps as it acts on a fresh run (the checks of SETTING_CASES)."""
-    if setting not in SETTING_CASES:
-        pytest.fail(f"RESUME_MAY_CHANGE has {setting!r} and SETTING_CASES no case for it: add one")
+    """Every setting a resumed run may change is accepted on resume, said in the run's first lines, and acts
+    on the resumed steps as it acts on a fresh run (the checks of SETTING_CASES)."""
     common, flags, check = SETTING_CASES[setting]
     extra = [f for f in common if f not in DEMO_RUN]  # e.g. keep's --ckpt-every 1: a change the resume allows
     if setting == "steps":
@@ -3006,16 +3010,23 @@ def test_every_other_setting_is_refused_on_resume_in_one_line(tiny_ckpt, tmp_pat
     """A resumed run changing a setting outside RESUME_MAY_CHANGE (the model, the data, the objective, the
     optimiser's, ...) stops at once, in one line that names the flag and what may change; nothing is written."""
     saved = purr.saved_settings(appendix.load_checkpoint(tiny_ckpt))
+    unknown = [k for k in purr.SETTINGS if k not in SETTING_CASES]
+    assert not unknown, f"SETTINGS has {unknown} and SETTING_CASES no case: add one, and to RESUMABLE if a " \
+        "resumed run may change it"
     for k in purr.SETTINGS:
-        if k in purr.RESUME_MAY_CHANGE:
+        if k in RESUMABLE:
             continue
         flags = flag_args(k, another_value(k, saved[k]))
-        with pytest.raises(SystemExit) as e:
+        try:
             purr.main(["train", "--resume", tiny_ckpt, "--results-dir", str(tmp_path), *flags])
-        message = str(e.value.code)
+        except SystemExit as e:
+            message = str(e.code)
+        else:
+            pytest.fail(f"a resumed run took {' '.join(flags)}: only {', '.join(RESUMABLE)} may change")
         assert len(message.splitlines()) == 1 and message.startswith("purr train: error: "), message
         assert f"trained with {purr.flag(k)} " in message and "may change only --steps" in message, message
     assert os.listdir(tmp_path) == [] and capsys.readouterr().out == ""
+    assert sorted(purr.RESUME_MAY_CHANGE) == sorted(RESUMABLE)  # and those resume (the test above)
 
 
 # Augmentation: the seeded plan's flips reach the batches from every source.
@@ -3247,6 +3258,18 @@ def test_entropy_and_code_draws_over_more_positions_than_one_chunk():
     cdf = torch.softmax(logits / 0.7, -1).cumsum(-1)
     want = (cdf <= u[..., None]).sum(-1).clamp(max=15)
     assert (purr.draw_codes(logits, 0.7, u) == want).float().mean() > 0.999
+
+
+def test_fid_metrics_kid_takes_subsets_of_1000_of_more_images(monkeypatch):
+    """torch-fidelity's KID draws subsets of 1000: with 1200 images a side, fid.metrics asks fid.kid for
+    subsets of 1000 (not of all the images), and its convention line says so."""
+    asked = []
+    monkeypatch.setattr(fid, "kid", lambda f1, f2, subset_size, **kw: asked.append((len(f1), subset_size)) or
+                        (0.0, 0.0))  # 100 subsets of 1000: seconds; what is checked is what metrics asks
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(1200, 8)).astype(np.float32) + shift for shift in (0.0, 0.3))
+    stats = [{**fid.moments(x), "name": n, "pool": x} for x, n in ((a, "samples"), (b, "ref"))]
+    assert "100 subsets of 1000" in fid.metrics(*stats)["KID"][1] and asked == [(1200, 1000)]
 
 
 def test_fid_features_over_several_batches_keep_the_evenly_spaced_images():
