@@ -303,9 +303,11 @@ def temperature(tau, t):
 
 
 def network(model, z, t, y, cfg_scale):
-    """The (guided) network output at time t, in token order [B, tokens, p*p, C]."""
+    """The (guided) network output at time t, in token order [B, tokens, p*p, C]; cfg_scale a number, or a
+    schedule t -> scale (cfg_interval)."""
+    scale = cfg_scale(float(t)) if callable(cfg_scale) else cfg_scale
     t = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(len(z))
-    return model.forward_with_cfg(z, t, y, cfg_scale)
+    return model.forward_with_cfg(z, t, y, scale)
 
 
 def purr_velocity(model, codebook, y, tau, cfg_scale, on_logits=None):
@@ -462,6 +464,16 @@ def sample_codes(model, tok, objective, y, z0, tau=1.0, cfg_scale=1.0, num_steps
     return tok.quantize(z1)
 
 
+def cfg_interval(cfg_scale, interval=None):
+    """Guidance in a limited interval (Kynkaanniemi et al. 2024): the scale at time t is cfg_scale for t in
+    [lo, hi] and 1 outside, where the conditional network runs alone (no unconditional pass, the batch is not
+    doubled). None: cfg_scale at every t."""
+    if interval is None:
+        return cfg_scale
+    lo, hi = interval
+    return lambda t: cfg_scale if lo <= t <= hi else 1.0
+
+
 def tau_schedule(kind, tau, tau_end=None):
     """tau(t) for sampling: 'constant' tau, or 'linear' from tau at t = 0 to tau_end at t = 1 (Sec. 5's open
     question of temperature schedules)."""
@@ -565,6 +577,8 @@ def train(args):
     the step, so any number of processes and micro-batches makes the same update), then the EMA; logs,
     checkpoints and a clean stop on a signal around it."""
     rank, world, device = setup_distributed()
+    flags = vars(args)  # the grids' guidance: a sampling choice, stored in nothing
+    grid_cfg = cfg_interval(flags.pop("cfg_scale", 1.0), check_cfg_interval(flags.pop("cfg_interval", None)))
     ckpt, ckpt_path = find_resume(args)
     cfg, changed = resolve_config(args, ckpt)
     data, tok = open_data(cfg, device, ckpt_path)
@@ -610,7 +624,7 @@ def train(args):
                 log.flush()
                 last_saved = save_run(run, step, model, ema, opt, cfg, tok, rank, world, device, last_saved)
             if sampling and rank == 0:
-                sample_grid(run, step, ema, tok, cfg, device)
+                sample_grid(run, step, ema, tok, cfg, device, grid_cfg)
             if stopping:
                 print_resume_command(cfg, step, last_saved, rank, world)
                 break
@@ -817,16 +831,16 @@ def announce(cfg, model, data, tok, layout, ckpt_path, step, changed):
     return run
 
 
-def sample_grid(run, step, ema, tok, cfg, device, per_label=4):
+def sample_grid(run, step, ema, tok, cfg, device, cfg_scale=1.0, per_label=4):
     """--sample-every: a grid from the EMA weights in RUN/samples/STEP.png, its noise and labels drawn from
     the run's seed alone, so that successive grids differ by the training only (sample's default tau, 100
-    Euler steps)."""
+    Euler steps; train's --cfg-scale and --cfg-interval)."""
     labels = default_labels(cfg["num_classes"], grid=True)
     y = torch.tensor(labels).repeat_interleave(per_label).to(device)
     seeds, z0 = image_noise(cfg["seed"], range(len(y)), cfg["latent_channels"], cfg["latent_size"], device)
     with torch.no_grad():  # generators only: the training's random state is left as it was
         c = sample_codes(ema, tok, cfg["objective"], y, z0, tau=default_tau(cfg["objective"]),
-                         precision=cfg["precision"], seeds=seeds)
+                         cfg_scale=cfg_scale, precision=cfg["precision"], seeds=seeds)
     os.makedirs(os.path.join(run, "samples"), exist_ok=True)
     save_grid(vqlib.to_uint8(tok.decode(c)), len(labels), os.path.join(run, "samples", f"{step:07d}.png"))
 
@@ -866,6 +880,7 @@ def sample(args):
     shard = range(rank * n // world, (rank + 1) * n // world)  # this process's images
     net = compile_in_place(model) if args.compile else model
     tau = tau_schedule(args.tau_schedule, args.tau, args.tau_end)
+    guidance = cfg_interval(args.cfg_scale, args.cfg_interval)
     if rank == 0:
         print(f"purr sample: {n} images from {ckpt_path} on {world} process(es), {device}, {args.precision}",
               file=sys.stderr, flush=True)
@@ -878,7 +893,7 @@ def sample(args):
         seeds, z0 = image_noise(args.seed, padded, d, size, device)
         record = entropy_recorder(tau, args.entropy_t, entropies) if args.entropy_map else None
         c = sample_codes(net, tok, cfg["objective"], y[[min(j, n - 1) for j in padded]].to(device), z0, tau,
-                         args.cfg_scale, args.num_steps, args.method, record, args.precision, seeds)
+                         guidance, args.num_steps, args.method, record, args.precision, seeds)
         c = c[:len(idx)]
         if record:
             entropies[-1] = entropies[-1][:len(idx)]
@@ -895,8 +910,10 @@ def sample(args):
         torch.distributed.barrier()
     if rank == 0:
         schedule = f" -> {args.tau_end} ({args.tau_schedule})" if args.tau_schedule != "constant" else ""
+        interval = f" for t in [{args.cfg_interval[0]}, {args.cfg_interval[1]}]" if args.cfg_interval else ""
         recipe = (f"{n} samples from {ckpt_path} (EMA, step {step}, {cfg['objective']}), tau={args.tau}"
-                  f"{schedule} cfg={args.cfg_scale} {args.method} x{args.num_steps} seed={args.seed}")
+                  f"{schedule} cfg={args.cfg_scale}{interval} {args.method} x{args.num_steps} "
+                  f"seed={args.seed}")
         write_samples(args, world, labels, y, recipe, device)
         if args.entropy_map:
             write_entropy_map(args, world, labels, cfg["codebook_size"], pixels)
@@ -929,6 +946,7 @@ def check_sample_args(args):
     if (args.tau_schedule == "linear") != (args.tau_end is not None):
         raise PurrError("--tau-schedule linear goes from --tau at t = 0 to --tau-end at t = 1: give both, "
                         "or neither")
+    check_cfg_interval(args.cfg_interval)
     if args.num_steps < 1:
         raise PurrError(f"--num-steps {args.num_steps}: need at least 1 integration step (default 100)")
     last = (args.num_steps - 1) / args.num_steps  # the sampler's last evaluation of pi, t = (T - 1)/T
@@ -945,6 +963,14 @@ def check_sample_args(args):
         raise PurrError(f"no checkpoint under {args.results_dir}/; train first ('python purr.py train') or "
                         "pass --ckpt PATH")
     return ckpt_path
+
+
+def check_cfg_interval(interval):
+    """--cfg-interval LO HI, or one line; returned as given."""
+    if interval and not 0 <= interval[0] <= interval[1] <= 1:
+        raise PurrError(f"--cfg-interval {interval[0]:g} {interval[1]:g}: guidance applies for t in "
+                        "[LO, HI]; give 0 <= LO <= HI <= 1")
+    return interval
 
 
 def objective_tau(args, cfg):
@@ -1071,6 +1097,7 @@ def bench(args):
     sampling throughput with guidance (a 50k FID run's size). Both report peak memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tf32(True)
+    check_cfg_interval(args.cfg_interval)
     cfg = {**SETTINGS, "model": args.model, "objective": args.objective, "latent_size": args.latent_size,
            "latent_channels": args.latent_channels, "codebook_size": args.codebook_size, "num_classes": 1000}
     model = build_model(cfg).to(device)
@@ -1086,7 +1113,8 @@ def bench(args):
         tok = types.SimpleNamespace(codebook=codebook, quantize=lambda z: vqlib.nearest_code(z, codebook))
         net = (compile_in_place(model) if args.compile else model).eval()
         ms = timed(device, args.warmup, args.steps, lambda n: sample_codes(
-            net, tok, args.objective, y, z0, 1.0, args.cfg_scale, n, "euler", None, args.precision))
+            net, tok, args.objective, y, z0, 1.0, cfg_interval(args.cfg_scale, args.cfg_interval), n, "euler",
+            None, args.precision))
         print(f"{head}, sampling with cfg {args.cfg_scale}: {ms:.1f} ms per network evaluation "
               f"({1000 / ms:.2f} NFE/s), {1000 * B / ms / 100:.3f} images/s at 100 Euler steps, "
               f"{peak_memory(device)}")
@@ -1176,6 +1204,9 @@ def add_setting(p, k, text):
                    **kind.get(type(default), {}))
 
 
+CFG_INTERVAL_HELP = "guidance only for t in [LO, HI]; elsewhere the conditional network alone (default: 0 1)"
+
+
 def parser():
     p = argparse.ArgumentParser(prog="purr.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -1188,6 +1219,9 @@ def parser():
         group = t.add_argument_group(title)
         for k, text in helps.items():
             add_setting(group, k, text)
+    grids = t.add_argument_group("the --sample-every grids' guidance (stored in nothing)")
+    grids.add_argument("--cfg-scale", type=float, help="(default: 1, no guidance)")
+    grids.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help=CFG_INTERVAL_HELP)
     t.add_argument("--results-dir", default="results")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="checkpoint to resume (default: newest); it holds every setting")
@@ -1201,6 +1235,7 @@ def parser():
                    help="linear: tau(t) from --tau at t = 0 to --tau-end at t = 1")
     s.add_argument("--tau-end", type=float, help="tau at t = 1 of --tau-schedule linear")
     s.add_argument("--cfg-scale", type=float, default=1.0)
+    s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help=CFG_INTERVAL_HELP)
     s.add_argument("--num-steps", type=int, default=100)
     s.add_argument("--method", default="euler", choices=["euler", "midpoint", "rk4", "dopri5"])
     s.add_argument("--num-samples", type=int, help="default: 8 per class label")
@@ -1240,6 +1275,7 @@ def parser():
                    help="activation checkpointing of the DiT blocks")
     b.add_argument("--sample", action="store_true", help="time sampling (Euler, guided) instead of training")
     b.add_argument("--cfg-scale", type=float, default=1.5, help="with --sample: guidance doubles the batch")
+    b.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help=CFG_INTERVAL_HELP)
     b.set_defaults(func=bench)
     return p
 

@@ -328,6 +328,35 @@ def test_dit_condition_is_time_plus_label_embedding():
     assert not torch.allclose(fed[0][1], fed[0][2])  # the same t, another label
 
 
+@pytest.mark.parametrize("objective", ["purr", "dfm"])
+def test_cfg_interval_guides_inside_only_and_skips_the_unconditional_pass_outside(objective):
+    """Guidance in a limited interval: [0, 1] is the guided sampler; an interval that no t of the grid falls
+    in is the unguided one; the network sees a doubled batch (the unconditional pass) only at the t inside."""
+    K, dfm = 16, objective == "dfm"
+    model = perturbed_dit(K)
+    if dfm:  # the authors' DFM: codes and MASK in, K + 1 logits out
+        model = purr.DiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                         num_classes=3, codebook_size=K, vocab_size=K + 1, out_channels=K + 1).eval()
+        with torch.no_grad():
+            [p.add_(0.05 * torch.randn_like(p)) for p in model.parameters()]
+    tok = types.SimpleNamespace(codebook=torch.randn(K, 4), quantize=lambda z: z.sum(1).long())
+    y, z0 = torch.tensor([0, 1]), torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def run(cfg_scale):  # Euler at t = 0, 1/4, 1/2, 3/4: codes (DFM), or the latents z_1 (purr)
+        if dfm:
+            return purr.sample_codes(model, tok, "dfm", y, z0, 1.0, cfg_scale, num_steps=4)
+        return purr.sample_latents(model, tok.codebook, y, z0, 0.8, cfg_scale, num_steps=4)
+    assert torch.equal(run(purr.cfg_interval(3.0, (0, 1))), run(3.0))
+    assert torch.equal(run(purr.cfg_interval(3.0, (0.8, 0.9))), run(1.0))
+    assert not torch.equal(run(3.0), run(1.0))
+    batches = []
+    hook = model.register_forward_pre_hook(lambda m, args: batches.append(len(args[0])))
+    late = run(purr.cfg_interval(3.0, (0.5, 1)))
+    hook.remove()
+    assert batches == [2, 2, 4, 4]
+    assert dfm or not torch.equal(late, run(3.0))  # (DFM's last draw, at t = 3/4, is guided in both)
+
+
 def test_cfg_guides_every_logit():
     model = perturbed_dit()
     z, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([0, 2])
@@ -1055,6 +1084,7 @@ def test_bad_sample_arguments_give_one_line_errors(tiny_ckpt, tmp_path):
     assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--num-steps", "0"), "--num-steps")
     assert_one_line_error(run_cli("sample", "--ckpt", str(tmp_path / "nope.pt")), "nope.pt", "not found")
     assert_one_line_error(run_cli("sample", "--results-dir", str(tmp_path / "empty")), "no checkpoint")
+    assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--cfg-interval", "0.9", "0.1"), "--cfg-interval")
 
 
 # --- Long runs: several processes, resume, signals, checkpoints, images, extract, bench, precision ----------
