@@ -114,9 +114,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
-    def forward(self, x, c):
+    def hidden(self, x, c):
+        """The adaLN-modulated hidden state [B, tokens, hidden] that the linear map turns into the outputs."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x, c):
+        return self.linear(self.hidden(x, c))
 
 
 class DiT(nn.Module):
@@ -125,7 +129,12 @@ class DiT(nn.Module):
     each token's p x p latent positions (unpatchify puts them in latent order): out = K logits per position
     (Purrception; K + 1 for DFM) or d channels (the CFM baselines). Losses and mu are per position, so they
     work in token order and never copy the K-wide logits into image order. With vocab_size (DFM), z is token
-    indices [B,H,W], read as the authors' code does: a learned embedding of each, then the patch conv."""
+    indices [B,H,W], read as the authors' code does: a learned embedding of each, then the patch conv.
+    The K-way head is the largest tensor by far (p*p*K logits per token), so training and sampling never build it
+    whole: forward(..., head=False) returns the final layer's hidden state instead (the logits are
+    final_layer.linear of it; sampling's Logits applies it a chunk at a time), and forward(..., codes=c) returns
+    the training loss computed from that hidden state (cross_entropy_z): inside forward, so that DDP and
+    torch.compile see the head's weights used."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, num_classes=1000, codebook_size=16384, out_channels=None,
@@ -165,7 +174,10 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, z, t, y):
+    def forward(self, z, t, y, codes=None, z_weight=0.0, head=True):
+        """The outputs in token order; head=False: the final layer's hidden state [B, tokens, hidden]; codes
+        [B,H,W] (Purrception's and DFM's training): (loss, cross-entropy, z-loss) of Eq. 14 and App. D against
+        them, from the hidden state (cross_entropy_z), with z_weight the z-loss's weight."""
         if self.token_embedder is not None:
             z = self.token_embedder(z).permute(0, 3, 1, 2)
         x = self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed
@@ -175,17 +187,26 @@ class DiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-        return self.final_layer(x, c).unflatten(2, (self.patch ** 2, -1))
+        if head and codes is None:
+            return self.final_layer(x, c).unflatten(2, (self.patch ** 2, -1))
+        h = self.final_layer.hidden(x, c)
+        if codes is None:
+            return h
+        linear = self.final_layer.linear
+        return cross_entropy_z(h, linear.weight, linear.bias, patchify(codes, self.patch), z_weight)
 
-    def forward_with_cfg(self, z, t, y, cfg_scale):
-        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u)."""
+    def forward_with_cfg(self, z, t, y, cfg_scale, lazy=False):
+        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u). lazy: the
+        guided logits as Logits, computed later a chunk at a time from the guided hidden state: the head is
+        affine, so W (h_u + s (h_c - h_u)) + b = l_u + s (l_c - l_u), the same logits without two K-wide ones."""
         if cfg_scale == 1.0:
-            return self(z, t, y)
-        null = torch.full_like(y, self.num_classes)
-        cond, uncond = self(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        if torch.is_grad_enabled():
-            return torch.lerp(uncond, cond, cfg_scale)
-        return uncond.lerp_(cond, cfg_scale)  # in place when sampling, so guidance adds no K-wide tensor
+            out = self(z, t, y, head=not lazy)
+        else:
+            both = (torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.num_classes)]))
+            cond, uncond = self(*both, head=not lazy).chunk(2)
+            # in place when sampling, so guidance adds no output-sized tensor
+            out = torch.lerp(uncond, cond, cfg_scale) if torch.is_grad_enabled() else uncond.lerp_(cond, cfg_scale)
+        return Logits(out, self.final_layer.linear, self.patch) if lazy else out
 
 
 def unpatchify(x):
@@ -229,56 +250,122 @@ def interpolant(z0, z1, t):
     return t * z1 + (1 - t) * z0
 
 
-class CrossEntropyZ(torch.autograd.Function):
-    """cross_entropy_z's two terms per position, -log pi_c and log Z, for logits [N,K] in row chunks: it keeps
-    only the logits (bf16 under autocast) and log Z, never a full fp32 copy of pi."""
-
-    @staticmethod
-    def forward(ctx, logits, c, chunk):
-        acc = torch.promote_types(logits.dtype, torch.float32)  # accumulate in fp32 at least
-        # log pi_c from log_softmax (one fused pass; logsumexp takes several); log Z = logit_c - log pi_c.
-        ce = -torch.cat([torch.log_softmax(part.to(acc), 1).gather(1, codes[:, None])[:, 0]
-                         for part, codes in zip(logits.split(chunk), c.split(chunk))])
-        log_z = logits.gather(1, c[:, None])[:, 0].to(acc) + ce
-        ctx.save_for_backward(logits, c, log_z)
-        ctx.chunk = chunk
-        return ce, log_z
-
-    @staticmethod
-    def backward(ctx, g_ce, g_log_z):
-        logits, c, log_z = ctx.saved_tensors
-        w = g_ce + g_log_z  # d ce/d l = pi - onehot(c), d log Z/d l = pi
-        chunks = range(0, len(logits), ctx.chunk)
-        grad = torch.empty_like(logits) if len(chunks) > 1 else None  # one chunk: its own buffer, no copy
-        for s in chunks:
-            e = min(s + ctx.chunk, len(logits))
-            g = torch.softmax(logits[s:e].to(log_z.dtype), 1).mul_(w[s:e, None])  # one fused pass for pi
-            # The one-hot is subtracted in fp32, before the cast: in bf16, pi_c - 1 is 0 for pi_c > 0.999.
-            g[torch.arange(e - s, device=g.device), c[s:e]] -= g_ce[s:e]
-            if grad is None:
-                return g.to(logits.dtype), None, None
-            grad[s:e] = g
-        return grad, None, None
+# Latent positions whose K logits exist at once: in the training loss (each of its chunks also adds a W-sized
+# product to the weight's gradient, so fewer, larger ones), and in sampling's mu, entropy and draws.
+LOSS_POSITIONS_PER_CHUNK = 4096
+POSITIONS_PER_CHUNK = 1024
 
 
-def cross_entropy_z(logits, c, z_weight=1e-5, chunk=8192):
+def cross_entropy_z(h, weight, bias, c, z_weight=1e-5, chunk=None):
     """Eq. 14, -log q(c | z_t) = -log pi_c averaged over positions, and App. D's z-loss z_weight (log Z)^2,
-    Z = sum_k exp(logit_k): (cross-entropy, z-loss). logits [..., K], codes c [...]. Equal in value and
-    gradient to F.cross_entropy and logsumexp (tested)."""
-    ce, log_z = CrossEntropyZ.apply(logits.reshape(-1, logits.shape[-1]), c.reshape(-1), chunk)
-    return ce.mean(), z_weight * log_z.pow(2).mean()
+    Z = sum_k exp(logit_k), for the logits l = h W^T + b of the final layer: (their sum, the loss; the
+    cross-entropy; the z-loss). h [..., hidden] (each token's hidden state), W [p*p*K, hidden], b [p*p*K], codes
+    c [..., p*p] (each token's p*p positions). The logits are never held whole: CrossEntropyZ makes them a chunk
+    of positions at a time (chunk, LOSS_POSITIONS_PER_CHUNK by default) and takes the gradient right there. Equal
+    in value and gradient to F.cross_entropy and logsumexp on the whole logits (tested)."""
+    chunk = chunk or LOSS_POSITIONS_PER_CHUNK
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (h, weight, bias)):
+        return CrossEntropyZ.apply(h, weight, bias, c, z_weight, chunk)
+    ce, zloss = cross_entropy_z_chunks(h, weight, bias, c, z_weight, chunk)[:2]
+    return ce + zloss, ce, zloss
+
+
+class CrossEntropyZ(torch.autograd.Function):
+    """cross_entropy_z's autograd: the forward pass computes the loss and its gradients with respect to h, W and
+    b chunk by chunk (cross_entropy_z_chunks), so no logits are kept for the backward pass or computed again;
+    the backward pass scales them. Only the loss is differentiable; the cross-entropy and the z-loss are its
+    two terms, for the log."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, c, z_weight, chunk):
+        ce, zloss, *grads = cross_entropy_z_chunks(h, weight, bias, c, z_weight, chunk, grads=True)
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(ce, zloss)
+        return ce + zloss, ce, zloss
+
+    @staticmethod
+    def backward(ctx, g, g_ce, g_zloss):
+        # In place: a second backward through the same graph fails loudly instead of scaling twice.
+        grads = [x.mul_(g) if need else None for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        return *grads, None, None, None
+
+
+def cross_entropy_z_chunks(h, weight, bias, c, z_weight, chunk, grads=False):
+    """(cross-entropy, z-loss) of cross_entropy_z, and with grads the gradients of their sum with respect to
+    h, W and b. The linear map runs as the DiT's would (bf16 under autocast); log Z, pi and the gradient of the
+    logits in fp32, the one-hot subtracted in fp32 before the cast (in bf16, pi_c - 1 is 0 for pi_c > 0.999)."""
+    P, shape = c.shape[-1], h.shape  # positions per token
+    h, c = h.reshape(-1, shape[-1]), c.reshape(-1, P)
+    K, N, device = len(weight) // P, c.numel(), h.device.type
+    autocast = torch.is_autocast_enabled(device) and h.dtype == torch.float32
+    dtype = torch.get_autocast_dtype(device) if autocast else h.dtype  # the linear map's
+    acc = torch.promote_types(dtype, torch.float32)  # log Z, pi and the gradients of W, b: fp32 at least
+    h_, w_, b_ = h.to(dtype), weight.to(dtype), bias.to(dtype)
+    ce, log_z = [], []
+    if grads:
+        grad_h = torch.empty_like(h_)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device)
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=h.device)
+    rows = max(1, chunk // P)  # tokens per chunk
+    with torch.autocast(device, enabled=False):
+        for s in range(0, len(h_), rows):
+            part, codes = h_[s:s + rows], c[s:s + rows].reshape(-1)
+            logits = F.linear(part, w_, b_).view(-1, K)  # this chunk's positions x K
+            pi = torch.softmax(logits, 1, dtype=acc)
+            # log Z = l_j - log pi_j at the most probable code j, where pi_j >= 1/K is exact to fp32 rounding
+            top, j = pi.max(1)
+            lz = logits.gather(1, j[:, None])[:, 0].to(acc) - top.log()
+            log_z.append(lz)
+            ce.append(lz - logits.gather(1, codes[:, None])[:, 0].to(acc))  # -log pi_c = log Z - l_c
+            if grads:
+                # d(ce + zloss)/dl = (pi - onehot(c)) / N + 2 z_weight log Z pi / N
+                g = pi.mul_(((1 + 2 * z_weight * lz) / N)[:, None])
+                g[torch.arange(len(g), device=g.device), codes] -= 1 / N
+                g = g.to(dtype).view(len(part), -1)  # [tokens, p*p*K], as the linear map's output
+                grad_h[s:s + rows] = g @ w_
+                if dtype == acc:
+                    torch.addmm(grad_w, g.t(), part, out=grad_w)  # (FLOP counters miss addmm_)
+                else:
+                    grad_w += g.t() @ part  # each chunk's product rounded to bf16 once, as the DiT's would be
+                grad_b += g.sum(0, dtype=acc)
+                del g
+            del logits, pi  # before the next chunk's: one chunk's K-wide tensors at a time
+    ce, log_z = torch.cat(ce), torch.cat(log_z)
+    losses = (ce.mean(), z_weight * log_z.pow(2).mean())
+    if not grads:
+        return losses
+    return (*losses, grad_h.to(h.dtype).view(shape), grad_w.to(weight.dtype), grad_b.to(bias.dtype))
 
 
 def purr_loss(model, batch, codebook, z_weight):
     """Algorithm 1 on a batch (its z_0 ~ N(0, I) and t ~ U(0, 1) from draw_noise): z_1 = e_c,
-    z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14).
-    The logits stay in token order; the codes are put in the same order."""
-    logits = model(interpolant(batch.z0, embed(codebook, batch.c), batch.t), batch.t, batch.y)
-    ce, zloss = cross_entropy_z(logits, patchify(batch.c, math.isqrt(logits.shape[2])), z_weight)
-    return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
+    z_t = t z_1 + (1 - t) z_0, cross-entropy of q(c | z_t) (Eq. 14) and the z-loss, which the model computes
+    from its final hidden state against the codes (cross_entropy_z), never holding the logits."""
+    z_t = interpolant(batch.z0, embed(codebook, batch.c), batch.t)
+    loss, ce, zloss = model(z_t, batch.t, batch.y, codes=batch.c, z_weight=z_weight)
+    return {"loss": loss, "ce": ce, "zloss": zloss}
 
 
-POSITIONS_PER_CHUNK = 4096  # rows of logits turned into fp32 at once by posterior_mean, entropy, draw_codes
+class Logits:
+    """A DiT's logits in token order, [B, tokens, p*p, K] (shape), never held whole: its final layer's hidden
+    state h [B, tokens, hidden] and linear map, applied by chunks() a chunk of tokens at a time (under the
+    caller's autocast, as in the DiT)."""
+
+    def __init__(self, h, linear, patch):
+        self.h, self.linear, self.patch = h, linear, patch
+        self.shape = (*h.shape[:2], patch ** 2, linear.out_features // patch ** 2)
+
+    def chunks(self, positions):
+        """The logits [n, K] of about `positions` consecutive positions at a time, in token order."""
+        for part in self.h.flatten(0, 1).split(max(1, positions // self.patch ** 2)):
+            yield self.linear(part).view(-1, self.shape[-1])
+
+
+def logit_chunks(logits):
+    """Rows [n, K] of logits [..., K], POSITIONS_PER_CHUNK at a time: of a tensor, or made only now (Logits)."""
+    if isinstance(logits, Logits):
+        return logits.chunks(POSITIONS_PER_CHUNK)
+    return logits.reshape(-1, logits.shape[-1]).split(POSITIONS_PER_CHUNK)
 
 
 def posterior(logits, tau):
@@ -288,13 +375,14 @@ def posterior(logits, tau):
 
 
 def posterior_mean(logits, codebook, tau):
-    """mu = sum_k pi_k e_k (Eq. 13) with pi = posterior(logits, tau). logits [..., K] -> mu [..., d].
+    """mu = sum_k pi_k e_k (Eq. 13) with pi = posterior(logits, tau). logits [..., K] or Logits -> mu [..., d].
     In full fp32 whatever the autocast or TF32 setting, and by chunks of positions: a guided XL/2 batch of 64
     at K = 16384 has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    with torch.autocast(logits.device.type, enabled=False), full_fp32():
-        mu = torch.cat([posterior(part, tau) @ codebook.float() for part in flat.split(POSITIONS_PER_CHUNK)])
-    return mu.view(*logits.shape[:-1], -1)
+    mu = []
+    for part in logit_chunks(logits):  # Logits: made here, as the network would (bf16 under autocast)
+        with torch.autocast(codebook.device.type, enabled=False), full_fp32():
+            mu.append(posterior(part, tau) @ codebook.float())
+    return torch.cat(mu).view(*logits.shape[:-1], -1)
 
 
 def temperature(tau, t):
@@ -302,20 +390,22 @@ def temperature(tau, t):
     return tau(float(t)) if callable(tau) else tau
 
 
-def network(model, z, t, y, cfg_scale):
+def network(model, z, t, y, cfg_scale, lazy=False):
     """The (guided) network output at time t, in token order [B, tokens, p*p, C]; cfg_scale a number, or a
-    schedule t -> scale (cfg_interval)."""
+    schedule t -> scale (cfg_interval); lazy: its logits as Logits, made a chunk at a time where they are
+    used."""
     scale = cfg_scale(float(t)) if callable(cfg_scale) else cfg_scale
     t = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(len(z))
-    return model.forward_with_cfg(z, t, y, scale)
+    return model.forward_with_cfg(z, t, y, scale, lazy=lazy)
 
 
 def purr_velocity(model, codebook, y, tau, cfg_scale, on_logits=None):
     """v_t(z_t) = (mu_t(z_t) - z_t) / (1 - t) (Eq. 13). Guidance combines logits, not velocities: the
     guided posterior stays a distribution over codes, so mu stays in the codebook's convex hull and tau
-    tempers guided logits as it tempers unguided ones. on_logits(t, logits) sees every evaluation."""
+    tempers guided logits as it tempers unguided ones. on_logits(t, logits) sees every evaluation (Logits: the
+    K-wide logits are made only a chunk of positions at a time, in posterior_mean)."""
     def v(t, z):
-        logits = network(model, z, t, y, cfg_scale)
+        logits = network(model, z, t, y, cfg_scale, lazy=True)
         if on_logits is not None:
             on_logits(t, logits)
         mu = posterior_mean(logits, codebook, temperature(tau, t))  # d channels, not K, are reordered
@@ -355,9 +445,9 @@ def integrate(v, z0, T, method):
 
 
 def entropy(logits, tau):
-    """Per-position entropy of pi = softmax(logits / tau): the model's uncertainty about the code."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    logp = (torch.log_softmax(part.float() / tau, -1) for part in flat.split(POSITIONS_PER_CHUNK))
+    """Per-position entropy of pi = softmax(logits / tau): the model's uncertainty about the code. logits
+    [..., K] or Logits, by chunks of positions as posterior_mean."""
+    logp = (torch.log_softmax(part.float() / tau, -1) for part in logit_chunks(logits))
     return torch.cat([-(lp.exp() * lp).sum(-1) for lp in logp]).view(logits.shape[:-1])
 
 
@@ -393,19 +483,24 @@ def dfm_rate(t):
 
 
 def dfm_loss(model, batch, codebook, z_weight):
-    """Cross-entropy of the K + 1 logits (MASK's too, as in the authors' code) against c, and the z-loss."""
-    logits = model(dfm_path(batch.c, batch.t, batch.u, len(codebook)), batch.t, batch.y)
-    ce, zloss = cross_entropy_z(logits, patchify(batch.c, math.isqrt(logits.shape[2])), z_weight)
-    return {"loss": ce + zloss, "ce": ce, "zloss": zloss}
+    """Cross-entropy of the K + 1 logits (MASK's too, as in the authors' code) against c, and the z-loss, from
+    the model's final hidden state as purr_loss."""
+    x_t = dfm_path(batch.c, batch.t, batch.u, len(codebook))
+    loss, ce, zloss = model(x_t, batch.t, batch.y, codes=batch.c, z_weight=z_weight)
+    return {"loss": loss, "ce": ce, "zloss": zloss}
 
 
-def draw_codes(logits, tau, u):
-    """x ~ Cat(softmax(logits / tau)) at every position by the inverse CDF of uniforms u [...]: the draw is a
-    function of u, so each image's codes come from its own generator. In fp32 chunks, as posterior_mean."""
-    flat, u = logits.reshape(-1, logits.shape[-1]), u.reshape(-1, 1)
-    x = torch.cat([torch.searchsorted(posterior(part, tau).cumsum_(-1), v, right=True)
-                   for part, v in zip(flat.split(POSITIONS_PER_CHUNK), u.split(POSITIONS_PER_CHUNK))])
-    return x.clamp_(max=flat.shape[-1] - 1).view(logits.shape[:-1])  # u past the rounded total: the last code
+def draw_codes(logits, tau, u, K=None):
+    """x ~ Cat(softmax(logits / tau)) over the first K logits (default: all) at every position by the inverse
+    CDF of uniforms u [...]: the draw is a function of u, so each image's codes come from its own generator.
+    logits [..., C] or Logits; in fp32 chunks, as posterior_mean."""
+    u, x, done = u.reshape(-1, 1), [], 0
+    for part in logit_chunks(logits):
+        part = part[:, :K]
+        x.append(torch.searchsorted(posterior(part, tau).cumsum_(-1), u[done:done + len(part)], right=True))
+        done += len(part)
+    K = K or logits.shape[-1]
+    return torch.cat(x).clamp_(max=K - 1).view(logits.shape[:-1])  # u past the rounded total: the last code
 
 
 @torch.no_grad()
@@ -420,9 +515,9 @@ def dfm_sample(model, K, y, shape, seeds, tau=1.0, cfg_scale=1.0, num_steps=100)
     for s in range(T):
         t = s / T
         u = torch.stack([torch.rand(2, *shape[1:], generator=g) for g in gens], 1).to(y.device)  # draw, jump
-        logits = network(model, x, t, y, cfg_scale)[..., :K]  # token order
+        logits = network(model, x, t, y, cfg_scale, lazy=True)  # token order, K + 1 logits (MASK's last)
         u1 = patchify(u[0], math.isqrt(logits.shape[2]))
-        x1 = unpatchify(draw_codes(logits, temperature(tau, t), u1)[..., None])[:, 0]
+        x1 = unpatchify(draw_codes(logits, temperature(tau, t), u1, K)[..., None])[:, 0]
         if s == T - 1:
             return x1
         x = torch.where((u[1] < 1 - math.exp(-dfm_rate(t) / T)) & (x != x1), x1, x)

@@ -148,7 +148,7 @@ class Fixed(torch.nn.Module):
         self.inputs.append((z.clone(), t.clone()))
         return token_order(self.out)
 
-    def forward_with_cfg(self, z, t, y, cfg_scale):
+    def forward_with_cfg(self, z, t, y, cfg_scale, lazy=False):
         return self(z, t, y)
 
 
@@ -367,43 +367,147 @@ def test_cfg_guides_every_logit():
 
 # --- The Purrception loss (Eq. 14) + z-loss -----------------------------------------------------------------
 
+def plain_loss(logits, c, z_weight):
+    """Eq. 14 and App. D's z-loss as written, on the whole logits [..., K] (fp32 at least): (cross-entropy,
+    z-loss). What the fused head (cross_entropy_z) must equal."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    return F.cross_entropy(flat, c.reshape(-1)), z_weight * torch.logsumexp(flat, -1).pow(2).mean()
+
+
 def test_loss_equals_hand_computed_cross_entropy_and_z_loss():
-    logits = torch.tensor([[[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]]])  # [B=1,h=1,w=2,K=3]
-    c = torch.tensor([[[0, 1]]])
+    h = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])  # two tokens of one position; W = I, b = 0: logits = h
+    c = torch.tensor([[0], [1]])
     lz = [math.log(math.exp(2) + 1 + math.exp(-1)), math.log(2 * math.exp(0.5) + math.exp(3))]
     ce_hand = ((lz[0] - 2.0) + (lz[1] - 0.5)) / 2
     z_hand = 1e-5 * (lz[0] ** 2 + lz[1] ** 2) / 2
-    ce, zl = purr.cross_entropy_z(logits, c)
+    loss, ce, zl = purr.cross_entropy_z(h, torch.eye(3), torch.zeros(3), c)
     assert abs(ce.item() - ce_hand) < 1e-6 and abs(zl.item() - z_hand) < 1e-10
+    assert abs(loss.item() - ce_hand - z_hand) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_training_loss_equals_the_formula_in_value_and_gradient(dtype):
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("K", [37, 38], ids=["purr", "dfm"])  # DFM: K + 1 logits, codes among the first K
+def test_fused_head_equals_the_formula_on_the_whole_logits_in_value_and_gradient(precision, K):
+    """cross_entropy_z on the hidden state, weight and bias of a head of p*p = 4 positions per token, in chunks
+    that do not divide the 30 tokens, against the formula on the logits of the same linear map (under bf16
+    autocast, as the DiT computes them: bf16 logits, the formula in fp32)."""
     torch.manual_seed(0)
-    logits = (3 * torch.randn(2, 3, 5, 37, dtype=torch.float64)).to(dtype).requires_grad_()
-    c = torch.randint(0, 37, (2, 3, 5))
-    ce, zl = purr.cross_entropy_z(logits, c, z_weight=0.1, chunk=7)  # chunks that do not divide N = 30
-    (ce + 2 * zl).backward()
-    ref = logits.detach().double().requires_grad_()
-    flat = ref.double().reshape(-1, 37)  # Eq. 14 and the z-loss as written
-    ce_ref, zl_ref = F.cross_entropy(flat, c.reshape(-1)), 0.1 * torch.logsumexp(flat, -1).pow(2).mean()
-    (ce_ref + 2 * zl_ref).backward()
-    tol = 1e-10 if dtype == torch.float64 else 2e-2
-    assert abs(ce.item() - ce_ref.item()) < max(tol, 1e-6) and abs(zl.item() - zl_ref.item()) < max(tol, 1e-6)
-    assert torch.allclose(logits.grad.double(), ref.grad, atol=tol * ref.grad.abs().max().item())
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    h = torch.randn(2, 15, 16, dtype=dtype).requires_grad_()
+    weight = (0.5 * torch.randn(4 * K, 16, dtype=dtype)).requires_grad_()
+    bias = torch.randn(4 * K, dtype=dtype).requires_grad_()
+    c = torch.randint(0, 37, (2, 15, 4))
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            if fused:
+                loss, ce, zl = purr.cross_entropy_z(h, weight, bias, c, z_weight=0.1, chunk=7 * 4)
+            else:
+                logits = F.linear(h, weight, bias).unflatten(-1, (4, K))
+        if not fused:
+            ce, zl = plain_loss(logits, c, 0.1)
+            loss = ce + zl
+        (3 * loss).backward()
+        results.append((ce.detach(), zl.detach(), *(x.grad.clone() for x in (h, weight, bias))))
+        h.grad = weight.grad = bias.grad = None
+    tol = {"fp64": 1e-12, "fp32": 1e-6, "bf16": 1e-2}[precision]
+    (ce, zl, *grads), (ce_ref, zl_ref, *grads_ref) = results
+    assert abs(ce - ce_ref) < tol * ce_ref and abs(zl - zl_ref) < tol * zl_ref
+    for g, want in zip(grads, grads_ref):  # h, W, b
+        assert g.dtype == want.dtype and torch.allclose(g, want, atol=tol * want.abs().max(), rtol=0)
+    assert not ce.requires_grad and not zl.requires_grad  # only the loss carries the gradient
 
 
-def test_purr_training_loss_is_cross_entropy_plus_z_loss_at_the_interpolant():
-    codebook, c = torch.randn(6, 2), torch.tensor([[[0, 5], [3, 3]]])
-    z0, t, y = torch.randn(1, 2, 2, 2), torch.tensor([0.3]), torch.tensor([0])
-    logits = 3 * torch.randn(1, 2, 2, 6)
-    net = Fixed(logits)
-    losses = purr.OBJECTIVES["purr"].loss(net, purr.Batch(c, y, z0, t, None), codebook, 0.1)
-    ce = F.cross_entropy(logits.reshape(-1, 6), c.reshape(-1))
-    zl = 0.1 * torch.logsumexp(logits.reshape(-1, 6), 1).pow(2).mean()
-    assert torch.allclose(losses["ce"], ce) and torch.allclose(losses["zloss"], zl)
-    assert torch.allclose(losses["loss"], ce + zl)
-    assert torch.allclose(net.inputs[0][0], 0.3 * codebook[c].permute(0, 3, 1, 2) + 0.7 * z0)
+def test_fused_head_gradient_cannot_be_taken_twice_and_no_grad_computes_none():
+    h, weight, bias = (torch.randn(*s, requires_grad=True) for s in ((3, 8), (12, 8), (12,)))
+    c = torch.randint(0, 12, (3, 1))
+    loss = purr.cross_entropy_z(h, weight, bias, c)[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):  # the gradients are computed once, in the forward pass
+        loss.backward()
+    with torch.no_grad():
+        assert torch.allclose(purr.cross_entropy_z(h, weight, bias, c)[0], loss)
+
+
+def dit_loss_and_formula(objective, precision):
+    """A perturbed DiT of the objective (purr: K = 16 logits; dfm: K + 1) and one batch: (the loss and the
+    gradient of every parameter) from the objective's loss (the fused head) and from the formula on the
+    model's whole logits, and what the model read."""
+    K, size = 16, 4
+    a = {**purr.SETTINGS, "model": "T/2", "objective": objective, "latent_size": size, "latent_channels": 4,
+         "codebook_size": K, "num_classes": 3}
+    torch.manual_seed(0)
+    model = purr.build_model(a)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    codebook, c = torch.randn(K, 4), torch.randint(0, K, (3, size, size))
+    batch = purr.Batch(c, torch.tensor([0, 1, 3]), torch.randn(3, 4, size, size), torch.tensor([0.1, 0.5, 0.9]),
+                       torch.rand(3, size, size))
+    seen = []
+    model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].clone()))
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            if fused:
+                losses = purr.OBJECTIVES[objective].loss(model, batch, codebook, 0.1)
+            else:
+                logits = model(seen[-1], batch.t, batch.y)
+        if not fused:
+            ce, zl = plain_loss(logits, purr.patchify(c, 2), 0.1)
+            losses = {"loss": ce + zl, "ce": ce, "zloss": zl}
+        losses["loss"].backward()
+        results.append(({k: v.item() for k, v in losses.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return results, seen[0], batch, codebook
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("objective", ["purr", "dfm"])
+def test_training_loss_is_the_formula_through_the_dit_in_value_and_every_gradient(objective, precision):
+    """Purrception's loss at the interpolant (DFM's at its masked codes), computed by the DiT from its final
+    hidden state, equals the formula on its whole logits, in value and in the gradient of every parameter."""
+    ((fused, grads), (ref, grads_ref)), x_t, batch, codebook = dit_loss_and_formula(objective, precision)
+    if objective == "purr":
+        t = batch.t.view(-1, 1, 1, 1)
+        assert torch.allclose(x_t, t * codebook[batch.c].permute(0, 3, 1, 2) + (1 - t) * batch.z0)
+    else:
+        assert torch.equal(x_t, purr.dfm_path(batch.c, batch.t, batch.u, 16))
+    tol = 1e-5 if precision == "fp32" else 1e-2
+    assert all(abs(fused[k] - ref[k]) <= tol * abs(ref[k]) for k in ("loss", "ce", "zloss"))
+    assert grads.keys() == grads_ref.keys() and "final_layer.linear.weight" in grads
+    for n, g in grads.items():
+        assert (g - grads_ref[n]).norm() <= tol * grads_ref[n].norm() + 1e-9, n
+
+
+def test_training_never_makes_more_than_a_chunk_of_logits(monkeypatch):
+    """A training step's forward and backward passes through the DiT (bf16 autocast) make no tensor of logits
+    (K or p*p*K wide) larger than one chunk of positions: LOSS_POSITIONS_PER_CHUNK = 16 of the 512."""
+    K, width = 40, 64  # no other layer's output is K or 4K wide
+    model = perturbed_dit(K=K, d=4, size=8, patch=2, dims=(2, width, 2)).train()
+    codebook = torch.randn(K, 4)
+    batch = purr.Batch(torch.randint(0, K, (8, 8, 8)), torch.randint(0, 3, (8,)), torch.randn(8, 4, 8, 8),
+                       torch.rand(8), None)
+
+    class LargestLogits(TorchDispatchMode):  # rows x K of the largest K-wide tensor (not the weight's)
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                wide = isinstance(o, torch.Tensor) and o.dim() > 1 and o.shape[-1] in (K, 4 * K)
+                if wide and width not in o.shape:
+                    LargestLogits.largest = max(LargestLogits.largest, o.numel())
+            return out
+    monkeypatch.setattr(purr, "LOSS_POSITIONS_PER_CHUNK", 16)
+    with LargestLogits():
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = purr.purr_loss(model, batch, codebook, 1e-5)["loss"]
+        loss.backward()
+    assert 0 < LargestLogits.largest <= 16 * K < 8 * 64 * K
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
 
 
 def test_bf16_loss_gradient_of_confident_positions_is_exact():
@@ -416,12 +520,13 @@ def test_bf16_loss_gradient_of_confident_positions_is_exact():
     target_pi = 1 - 10 ** -torch.empty(N).uniform_(2, 4)  # pi_c from 0.99 to 0.9999
     rest = torch.logsumexp(logits.scatter(1, c[:, None], -math.inf), 1)
     logits[torch.arange(N), c] = rest + torch.log(target_pi / (1 - target_pi))
-    bf = logits.to(torch.bfloat16).requires_grad_()
-    ce, zl = purr.cross_entropy_z(bf, c, z_weight=1e-5)
-    (ce + zl).backward()
-    ref = bf.detach().float().requires_grad_()
-    (F.cross_entropy(ref, c) + 1e-5 * torch.logsumexp(ref, 1).pow(2).mean()).backward()
-    got, want = bf.grad.float()[torch.arange(N), c], ref.grad[torch.arange(N), c]
+    h = logits.bfloat16().float().requires_grad_()  # W = I, b = 0: the logits are h, in bf16 under autocast
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = purr.cross_entropy_z(h, torch.eye(K), torch.zeros(K), c[:, None], z_weight=1e-5)[0]
+    loss.backward()
+    ref = h.detach().clone().requires_grad_()
+    sum(plain_loss(ref, c, 1e-5)).backward()
+    got, want = h.grad[torch.arange(N), c], ref.grad[torch.arange(N), c]
     assert ((got - want).abs() / want.abs()).median() < 0.02
 
 
@@ -450,12 +555,13 @@ class OneHotPosterior(torch.nn.Module):
         super().__init__()
         self.logits, self.times = 30.0 * F.one_hot(c, K).float(), []
 
-    def forward_with_cfg(self, z, t, y, cfg_scale):
+    def forward_with_cfg(self, z, t, y, cfg_scale, lazy=False):
         self.times.append(t.max().item())
         return token_order(self.logits)
 
 
 def test_small_tau_makes_mu_the_argmax_code():
+    torch.manual_seed(0)  # not a draw whose two largest logits are within ~tau of each other
     logits, codebook = torch.randn(2, 3, 3, 16), torch.randn(16, 4)
     mu = purr.posterior_mean(logits, codebook, tau=1e-3)
     assert torch.allclose(mu, codebook[logits.argmax(-1)], atol=1e-4)
@@ -602,14 +708,9 @@ def test_each_objective_loss_equals_its_formula():
         losses = purr.OBJECTIVES[objective].loss(net, purr.Batch(c, y, z0, t, u), codebook, 1e-5)
         assert torch.allclose(losses["loss"], ((out.permute(0, 3, 1, 2) - target) ** 2).mean())
         assert torch.allclose(net.inputs[0][0], 0.3 * z1 + 0.7 * z0)  # the same interpolant as Purrception
-    logits = torch.randn(1, 2, 2, 7)  # DFM: K + 1 logits, MASK's last
-    net = Fixed(logits)
-    losses = purr.OBJECTIVES["dfm"].loss(net, purr.Batch(c, y, z0, t, u), codebook, 1e-5)
-    flat = logits.reshape(-1, 7)
-    ce, zloss = F.cross_entropy(flat, c.reshape(-1)), 1e-5 * torch.logsumexp(flat, -1).pow(2).mean()
-    assert torch.allclose(losses["loss"], ce + zloss) and torch.allclose(losses["zloss"], zloss)
+    # DFM (and Purrception): test_training_loss_is_the_formula_through_the_dit_in_value_and_every_gradient.
     # kappa(0.3) = 0.3: positions with u < 0.7 read MASK (index K = 6); u = 0.99 keeps c = 5
-    assert torch.equal(net.inputs[0][0], torch.tensor([[[6, 5], [6, 6]]]))
+    assert torch.equal(purr.dfm_path(c, t, u, 6), torch.tensor([[[6, 5], [6, 6]]]))
 
 
 def test_baseline_samplers_first_steps_by_hand():
@@ -730,9 +831,9 @@ class NoSync(torch.nn.Module):
         yield
         self.inside = False
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         self.synced.append(not self.inside)
-        return self.module(*args)
+        return self.module(*args, **kwargs)
 
 
 def test_demo_data_is_deterministic_and_balanced():
