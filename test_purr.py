@@ -3036,7 +3036,7 @@ SETTING_CASES = {
 # What a resumed run may change (RESUME_MAY_CHANGE, written out): the schedule, logging, disk, and how the
 # same global batch is computed. Every other setting of SETTINGS is refused on resume.
 RESUMABLE = ["steps", "lr", "warmup", "decay", "log_every", "ckpt_every", "sample_every", "keep", "num_workers",
-             "precision", "grad_accum", "micro_batch_size", "grad_checkpoint", "compile"]
+             "precision", "grad_accum", "micro_batch_size", "grad_checkpoint", "compile", "grad_compression"]
 
 
 @pytest.fixture(scope="module")
