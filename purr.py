@@ -129,12 +129,12 @@ class DiT(nn.Module):
     each token's p x p latent positions (unpatchify puts them in latent order): out = K logits per position
     (Purrception; K + 1 for DFM) or d channels (the CFM baselines). Losses and mu are per position, so they
     work in token order and never copy the K-wide logits into image order. With vocab_size (DFM), z is token
-    indices [B,H,W], read as the authors' code does: a learned embedding of each, then the patch conv.
-    The K-way head is the largest tensor by far (p*p*K logits per token), so training and sampling never build it
+    indices [B,H,W], read as the authors' code does: a learned embedding of each, then the patch conv. The
+    K-way head is the largest tensor by far (p*p*K logits per token), so training and sampling never build it
     whole: forward(..., head=False) returns the final layer's hidden state instead (the logits are
-    final_layer.linear of it; sampling's Logits applies it a chunk at a time), and forward(..., codes=c) returns
-    the training loss computed from that hidden state (cross_entropy_z): inside forward, so that DDP and
-    torch.compile see the head's weights used."""
+    final_layer.linear of it; sampling's Logits applies it a chunk at a time), and forward(..., codes=c)
+    returns the training loss computed from that hidden state (cross_entropy_z): inside forward, so that DDP
+    and torch.compile see the head's weights used."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, num_classes=1000, codebook_size=16384, out_channels=None,
@@ -196,16 +196,18 @@ class DiT(nn.Module):
         return cross_entropy_z(h, linear.weight, linear.bias, patchify(codes, self.patch), z_weight)
 
     def forward_with_cfg(self, z, t, y, cfg_scale, lazy=False):
-        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u). lazy: the
-        guided logits as Logits, computed later a chunk at a time from the guided hidden state: the head is
-        affine, so W (h_u + s (h_c - h_u)) + b = l_u + s (l_c - l_u), the same logits without two K-wide ones."""
+        """Classifier-free guidance on every output channel (all K logits): out_u + s (out_c - out_u). lazy:
+        the guided logits as Logits, computed later a chunk at a time from the guided hidden state: the head
+        is affine, so W (h_u + s (h_c - h_u)) + b = l_u + s (l_c - l_u), the same logits without two K-wide
+        ones."""
         if cfg_scale == 1.0:
             out = self(z, t, y, head=not lazy)
         else:
-            both = (torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.num_classes)]))
-            cond, uncond = self(*both, head=not lazy).chunk(2)
+            null = torch.full_like(y, self.num_classes)
+            cond, uncond = self(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), head=not lazy).chunk(2)
             # in place when sampling, so guidance adds no output-sized tensor
-            out = torch.lerp(uncond, cond, cfg_scale) if torch.is_grad_enabled() else uncond.lerp_(cond, cfg_scale)
+            lerp = torch.lerp if torch.is_grad_enabled() else torch.Tensor.lerp_
+            out = lerp(uncond, cond, cfg_scale)
         return Logits(out, self.final_layer.linear, self.patch) if lazy else out
 
 
@@ -257,12 +259,12 @@ POSITIONS_PER_CHUNK = 1024
 
 
 def cross_entropy_z(h, weight, bias, c, z_weight=1e-5, chunk=None):
-    """Eq. 14, -log q(c | z_t) = -log pi_c averaged over positions, and App. D's z-loss z_weight (log Z)^2,
-    Z = sum_k exp(logit_k), for the logits l = h W^T + b of the final layer: (their sum, the loss; the
-    cross-entropy; the z-loss). h [..., hidden] (each token's hidden state), W [p*p*K, hidden], b [p*p*K], codes
-    c [..., p*p] (each token's p*p positions). The logits are never held whole: CrossEntropyZ makes them a chunk
-    of positions at a time (chunk, LOSS_POSITIONS_PER_CHUNK by default) and takes the gradient right there. Equal
-    in value and gradient to F.cross_entropy and logsumexp on the whole logits (tested)."""
+    """Eq. 14, -log q(c | z_t) = -log pi_c averaged over positions, and App. D's z-loss z_weight (log Z)^2, Z
+    = sum_k exp(logit_k), for the logits l = h W^T + b of the final layer: (their sum, the loss; the
+    cross-entropy; the z-loss). h [..., hidden] (each token's hidden state), W [p*p*K, hidden], b [p*p*K],
+    codes c [..., p*p] (each token's p*p positions). The logits are never held whole: CrossEntropyZ makes them
+    a chunk of positions at a time (chunk, LOSS_POSITIONS_PER_CHUNK by default) and takes the gradient right
+    there. Equal in value and gradient to F.cross_entropy and logsumexp on the whole logits (tested)."""
     chunk = chunk or LOSS_POSITIONS_PER_CHUNK
     if torch.is_grad_enabled() and any(x.requires_grad for x in (h, weight, bias)):
         return CrossEntropyZ.apply(h, weight, bias, c, z_weight, chunk)
@@ -271,10 +273,10 @@ def cross_entropy_z(h, weight, bias, c, z_weight=1e-5, chunk=None):
 
 
 class CrossEntropyZ(torch.autograd.Function):
-    """cross_entropy_z's autograd: the forward pass computes the loss and its gradients with respect to h, W and
-    b chunk by chunk (cross_entropy_z_chunks), so no logits are kept for the backward pass or computed again;
-    the backward pass scales them. Only the loss is differentiable; the cross-entropy and the z-loss are its
-    two terms, for the log."""
+    """cross_entropy_z's autograd: the forward pass computes the loss and its gradients with respect to h, W
+    and b chunk by chunk (cross_entropy_z_chunks), so no logits are kept for the backward pass or computed
+    again; the backward pass scales them. Only the loss is differentiable; the cross-entropy and the z-loss
+    are its two terms, for the log."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, c, z_weight, chunk):
@@ -292,8 +294,9 @@ class CrossEntropyZ(torch.autograd.Function):
 
 def cross_entropy_z_chunks(h, weight, bias, c, z_weight, chunk, grads=False):
     """(cross-entropy, z-loss) of cross_entropy_z, and with grads the gradients of their sum with respect to
-    h, W and b. The linear map runs as the DiT's would (bf16 under autocast); log Z, pi and the gradient of the
-    logits in fp32, the one-hot subtracted in fp32 before the cast (in bf16, pi_c - 1 is 0 for pi_c > 0.999)."""
+    h, W and b. The linear map runs as the DiT's would (bf16 under autocast); log Z, pi and the gradient of
+    the logits in fp32, the one-hot subtracted in fp32 before the cast (in bf16, pi_c - 1 is 0 for pi_c >
+    0.999)."""
     P, shape = c.shape[-1], h.shape  # positions per token
     h, c = h.reshape(-1, shape[-1]), c.reshape(-1, P)
     K, N, device = len(weight) // P, c.numel(), h.device.type
@@ -362,7 +365,8 @@ class Logits:
 
 
 def logit_chunks(logits):
-    """Rows [n, K] of logits [..., K], POSITIONS_PER_CHUNK at a time: of a tensor, or made only now (Logits)."""
+    """Rows [n, K] of logits [..., K], POSITIONS_PER_CHUNK at a time: of a tensor, or made only now
+    (Logits)."""
     if isinstance(logits, Logits):
         return logits.chunks(POSITIONS_PER_CHUNK)
     return logits.reshape(-1, logits.shape[-1]).split(POSITIONS_PER_CHUNK)
@@ -375,9 +379,9 @@ def posterior(logits, tau):
 
 
 def posterior_mean(logits, codebook, tau):
-    """mu = sum_k pi_k e_k (Eq. 13) with pi = posterior(logits, tau). logits [..., K] or Logits -> mu [..., d].
-    In full fp32 whatever the autocast or TF32 setting, and by chunks of positions: a guided XL/2 batch of 64
-    at K = 16384 has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
+    """mu = sum_k pi_k e_k (Eq. 13) with pi = posterior(logits, tau). logits [..., K] or Logits -> mu [...,
+    d]. In full fp32 whatever the autocast or TF32 setting, and by chunks of positions: a guided XL/2 batch of
+    64 at K = 16384 has 2^30 logits, so each full fp32 copy of pi would be 4 GiB."""
     mu = []
     for part in logit_chunks(logits):  # Logits: made here, as the network would (bf16 under autocast)
         with torch.autocast(codebook.device.type, enabled=False), full_fp32():
