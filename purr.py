@@ -204,7 +204,8 @@ class DiT(nn.Module):
             out = self(z, t, y, head=not lazy)
         else:
             null = torch.full_like(y, self.num_classes)
-            cond, uncond = self(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), head=not lazy).chunk(2)
+            both = self(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), head=not lazy)
+            cond, uncond = both.chunk(2)
             # in place when sampling, so guidance adds no output-sized tensor
             lerp = torch.lerp if torch.is_grad_enabled() else torch.Tensor.lerp_
             out = lerp(uncond, cond, cfg_scale)
