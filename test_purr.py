@@ -3287,7 +3287,9 @@ def test_entropy_map_shows_pi_at_exactly_entropy_t(tiny_ckpt, tmp_path, monkeypa
 
     def load(*args, **kw):
         loaded = real_load(*args, **kw)
-        loaded[0].register_forward_hook(lambda m, inputs, out: calls.append((float(inputs[1][0]), out.clone())))
+        model = loaded[0]  # sampling asks for the final hidden state h; the logits are the head's map of it
+        model.register_forward_hook(lambda m, inputs, h: calls.append((
+            float(inputs[1][0]), m.final_layer.linear(h).unflatten(2, (m.patch ** 2, -1)))))
         return loaded
     monkeypatch.setattr(purr, "load_sampler", load)
     purr.main(["sample", "--ckpt", ckpt, "--num-steps", "4", "--num-samples", "20", "--entropy-map", "--entropy-t",
