@@ -311,7 +311,7 @@ def extract_tokens(data, tok, out, meta, batch_size, num_workers, rank, world, d
     todo = [(i, 0) for i in block if not done[i]]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=num_workers,
-                                         collate_fn=collate)
+                                         collate_fn=collate, worker_init_fn=ignore_stop_signals)
     # Each file is this rank's alone, so unreadable ones are reported and counted per rank, and a signal
     # stops each rank at its next batch boundary without waiting for the others.
     unreadable, progress = Unreadable(data, 1), Progress("extract", len(todo) * world, len(todo), "images")
@@ -448,14 +448,18 @@ def full_fp32():
         tf32(before)
 
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes); NCCL on GPUs, gloo on CPUs.
-    TF32 matmuls for fp32 work on GPUs (train and sample alike)."""
+DIST_TIMEOUT = 60  # minutes a rank waits in a collective: the others wait so while rank 0 saves 12 GB
+
+
+def setup_distributed(timeout=DIST_TIMEOUT):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes): whenever it started the process, one
+    process included, the process group is set up (NCCL on GPUs, gloo on CPUs), with a collective timeout of
+    `timeout` minutes. TF32 matmuls for fp32 work on GPUs (train and sample alike)."""
     tf32(True)
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -493,7 +497,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # preemption, sc
 
 @contextlib.contextmanager
 def stop_requests():
-    """Record SIGTERM/SIGINT/SIGUSR1 instead of dying: the loop finishes its step and saves."""
+    """Record SIGTERM/SIGINT/SIGUSR1 instead of dying: the loop finishes its step and saves. SLURM signals
+    every process of the job, DataLoader workers too: they ignore them (ignore_stop_signals)."""
     got = []
     previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
     try:
@@ -501,6 +506,13 @@ def stop_requests():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id=None):
+    """A DataLoader worker's start (worker_init_fn): a stop signal is the trainer's to handle, after the
+    step; a worker killed by one would fail the step before the save."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,12 +540,17 @@ def load_checkpoint(path):
 
 
 def save_checkpoint(obj, path, keep=None):
-    """Atomic: write beside, then rename, so an interrupted or failed save never replaces a good
-    checkpoint. Then keep the newest `keep` checkpoints of the folder (all if None)."""
+    """Atomic and durable: written beside, flushed to disk, renamed, and the rename flushed, so an
+    interrupted or failed save (or a node lost right after it) never replaces a good checkpoint. Only then
+    keep the newest `keep` checkpoints of the folder (all if None)."""
     folder = os.path.dirname(path)
     try:
-        torch.save(obj, path + ".tmp")
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
+        fsync_folder(folder)
     except (OSError, RuntimeError) as e:  # disk full, read-only, quota: torch reports some as RuntimeError
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
@@ -544,6 +561,14 @@ def save_checkpoint(obj, path, keep=None):
                         f"{previous[-1] if previous else '(none)'} is intact") from None
     for old in sorted(glob.glob(os.path.join(folder, "*.pt")))[:-keep] if keep else []:
         os.remove(old)
+
+
+def fsync_folder(folder):
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def new_run_dir(results, model):

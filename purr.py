@@ -35,11 +35,12 @@ import torch.nn.functional as F
 
 import fid
 import vq as vqlib
-from appendix import (DEMO_CLASSES, ImageFolder, Log, Progress, PurrError, RankBatches, TokenFolder,
-                      Unreadable, checkpoint_paths, collate, default_precision, demo_dataset, extract_tokens,
-                      full_fp32, heat_map, keep_freed_memory, load_checkpoint, new_run_dir, peak_memory,
-                      save_grid, save_run, setup_distributed, split_batch, stop_requests, sum_over_ranks,
-                      tf32, timed, to_unit, write_adm_npz)
+from appendix import (DEMO_CLASSES, DIST_TIMEOUT, ImageFolder, Log, Progress, PurrError, RankBatches,
+                      TokenFolder, Unreadable, checkpoint_paths, collate, default_precision, demo_dataset,
+                      extract_tokens, full_fp32, heat_map, ignore_stop_signals, keep_freed_memory,
+                      load_checkpoint, new_run_dir, on_rank_0, peak_memory, save_grid, save_run,
+                      setup_distributed, split_batch, stop_requests, sum_over_ranks, tf32, timed, to_unit,
+                      write_adm_npz)
 
 
 # ==============================================================================================
@@ -676,20 +677,22 @@ def train(args):
     """Algorithm 1 on the global batch of every step (its z_0, t and dropped labels drawn from the seed and
     the step, so any number of processes and micro-batches makes the same update), then the EMA; logs,
     checkpoints and a clean stop on a signal around it."""
-    rank, world, device = setup_distributed()
-    flags = vars(args)  # the grids' guidance: a sampling choice, stored in nothing
+    flags = vars(args)  # launch choices and the grids' guidance, stored in nothing
+    rank, world, device = setup_distributed(flags.pop("dist_timeout", DIST_TIMEOUT))
     grid_cfg = cfg_interval(flags.pop("cfg_scale", 1.0), check_cfg_interval(flags.pop("cfg_interval", None)))
-    ckpt, ckpt_path = find_resume(args)
+    ckpt, ckpt_path = find_resume(args, world, device)
     cfg, changed = resolve_config(args, ckpt)
     data, tok = open_data(cfg, device, ckpt_path)
     cfg.update(latent_shape(cfg, data, tok))
     model, ema, opt, step = build_training(cfg, ckpt, ckpt_path, device)
+    del ckpt  # restored: XL/2's weights, EMA and AdamW state are ~12 GB of host memory per process
     global_batch, steps = cfg["global_batch_size"], cfg["steps"]
     per_rank, n_micro = split_batch(global_batch, world, cfg["grad_accum"], cfg["micro_batch_size"])
     rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this process's share of the global batch
-    layout = f"{world} process(es) x {n_micro} micro-batch(es) of {per_rank // n_micro} on {device}"
+    ddp = f" ({torch.distributed.get_backend()}, DDP)" if torch.distributed.is_initialized() else ""
+    layout = f"{world} process(es){ddp} x {n_micro} micro-batch(es) of {per_rank // n_micro} on {device}"
     run = announce(cfg, model, data, tok, layout, ckpt_path, step, changed) if rank == 0 else None
-    net = distributed(model, cfg) if world > 1 else model
+    net = distributed(model, cfg) if torch.distributed.is_initialized() else model
     net = torch.compile(net) if cfg["compile"] else net
     loader = training_loader(cfg, data, step, rank, world, rows, device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg["precision"] == "bf16")
@@ -728,7 +731,7 @@ def train(args):
             if stopping:
                 print_resume_command(cfg, step, last_saved, rank, world)
                 break
-    if world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return run
 
@@ -764,7 +767,7 @@ def training_loader(cfg, data, step, rank, world, rows, device):
     steps = zip(range(step, cfg["steps"]), plan)  # the items: (step, its (index, flip) pairs)
     return torch.utils.data.DataLoader(TrainingBatches(data, cfg, rows), sampler=steps, batch_size=None,
                                        collate_fn=TrainingBatches.as_is, num_workers=cfg["num_workers"],
-                                       pin_memory=device.type == "cuda")
+                                       pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
 
 class TrainingBatches(torch.utils.data.Dataset):
@@ -808,12 +811,26 @@ def draw_noise(global_batch, rows, step, seed, size, d, class_dropout, device, t
     return z0.to(device), t.to(device), drop.to(device), uniforms.to(device)
 
 
-def find_resume(args):
-    """(checkpoint, its path) for --resume (the newest under --results-dir by default), else (None, None)."""
+def find_resume(args, world, device):
+    """(checkpoint, its path) for --resume (the newest under --results-dir by default), else (None, None).
+    Rank 0 picks the newest file, every rank loads that one, and all must have the same step: a rank that
+    cannot read it, or reads another step (the node's own copy), stops every rank with one line."""
     if not args.resume:
         return None, None
-    path = (checkpoint_paths(args.results_dir)[-1:] or [None])[0] if args.resume == "latest" else args.resume
-    return load_checkpoint(path), path
+    newest = lambda: (checkpoint_paths(args.results_dir)[-1:] or [None])[0]  # noqa: E731
+    path = on_rank_0(newest) if args.resume == "latest" else args.resume
+    ckpt, error = None, ""
+    try:
+        ckpt = load_checkpoint(path)
+    except PurrError as e:
+        error = str(e)
+    step = ckpt["step"] if ckpt else -1
+    failed, differ = sum_over_ranks(world, device, bool(error), step != on_rank_0(lambda: step))
+    if failed or differ:
+        why = "another rank cannot read it" if failed else "the ranks read different steps from it"
+        raise PurrError(error or f"--resume {path}: {why} (each node sees its own files): --results-dir and "
+                        "--resume must be on a filesystem that every node sees")
+    return ckpt, path
 
 
 def resolve_config(args, ckpt):
@@ -972,7 +989,7 @@ def sample(args):
     """Images from a checkpoint's EMA weights, sharded over processes. Each image's noise comes from (seed,
     its index), so the images do not depend on the number of processes or the batch size."""
     ckpt_path = check_sample_args(args)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.dist_timeout)
     model, tok, cfg, step = load_sampler(ckpt_path, args.vq_ckpt, device)
     labels, y = sample_labels(args, cfg)
     args.tau = objective_tau(args, cfg)
@@ -1017,7 +1034,7 @@ def sample(args):
         write_samples(args, world, labels, y, recipe, device)
         if args.entropy_map:
             write_entropy_map(args, world, labels, cfg["codebook_size"], pixels)
-    if world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
@@ -1165,7 +1182,7 @@ def load_sampler(ckpt_path, vq_ckpt=None, device="cpu"):
 @torch.inference_mode()
 def extract(args):
     """Encode every image and its horizontal flip once into the token folder --out, read by open_tokens."""
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.dist_timeout)
     data = ImageFolder(args.data, args.image_size)
     tok = vqlib.load_tokenizer(args.vq, args.vq_ckpt).to(device)
     if len(tok.codebook) > 65536:
@@ -1360,6 +1377,10 @@ def parser():
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--num-workers", type=int, default=8)
     e.set_defaults(func=extract)
+    for launched in (t, s, e):
+        launched.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT, metavar="MIN",
+                              help="minutes a process waits for the others (under torchrun): longer than a "
+                                   "checkpoint's save (default: %(default)s)")
     b = sub.add_parser("bench", help="time training steps on random tokens: ms/step, img/s, peak memory")
     b.add_argument("--model", default="B/2", choices=list(DiT_models))
     b.add_argument("--objective", default="purr", choices=OBJECTIVES)

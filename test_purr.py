@@ -9,6 +9,7 @@ import contextlib
 import copy
 import csv
 import functools
+import gc
 import glob
 import hashlib
 import io
@@ -19,9 +20,12 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -1437,6 +1441,110 @@ def test_sigterm_saves_exits_0_and_the_printed_resume_equals_no_interruption(tmp
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+def preempt(cmd, signal_at, send, timeout=300):
+    """Launches cmd (in a session of its own, as a scheduler's job), sends send(proc) once its output shows
+    `signal_at`, and returns (returncode, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith(signal_at):
+            send(proc)
+            break
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow  # trains or starts torchrun
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_whole_job_saves_though_the_data_loader_workers_get_it_too(tmp_path, sig):
+    """SLURM signals every process of the job (scancel, --signal, preemption), DataLoader workers included:
+    they ignore it, the trainer finishes its step, saves, exits 0 and prints the resume command."""
+    cmd = [sys.executable, "purr.py", "train", "--steps", "300", "--global-batch-size", "8", "--demo-size",
+           "200", "--log-every", "1", "--num-workers", "2", "--results-dir", str(tmp_path)]
+    rc, out, err = preempt(cmd, "step 3 ", lambda proc: os.killpg(proc.pid, sig))
+    assert rc == 0, err[-2000:]
+    step = int(re.search(r"stopped by signal at step (\d+)/300, saved (\S+); resume with", out).group(1))
+    assert appendix.load_checkpoint(appendix.checkpoint_paths(str(tmp_path))[-1])["step"] == step >= 3
+
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_torchrun_whose_agent_gets_sigterm_saves_and_resumes_as_if_never_stopped(tmp_path):
+    """torchrun's agent forwards SIGTERM to its processes and kills them after its shutdown timeout (30 s by
+    default): they agree on a step, save in time, and the printed resume command (under torchrun too)
+    ends with the weights of a run never stopped. With DataLoader workers, as real runs have them."""
+    common = ["--steps", "40", "--global-batch-size", "8", "--demo-size", "200", "--log-every", "1",
+              "--num-workers", "2", "--ckpt-every", "1000"]
+    torchrun(2, "train", *common, "--results-dir", str(tmp_path / "straight"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    t0 = []
+    rc, out, err = preempt([*launch, "purr.py", "train", *common, "--results-dir", str(tmp_path / "cut")],
+                           "step 3 ", lambda proc: (t0.append(time.time()), proc.send_signal(signal.SIGTERM)))
+    assert time.time() - t0[0] < 30, "the processes outlived torchrun's shutdown timeout"
+    resume = re.search(r"stopped by signal at step (\d+)/40, saved \S+; resume with: torchrun "
+                       r"--nproc_per_node=2 purr.py (.*)$", out, re.M)
+    assert resume and 3 <= int(resume.group(1)) < 40, (rc, out[-1000:], err[-2000:])
+    torchrun(2, *resume.group(2).split())
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "cut")
+    assert a["step"] == b["step"] == 40
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def two_nodes(tmp_path, node_args, timeout=180):
+    """Two torchrun agents on this machine as two nodes of one process each (static rendezvous: node i is
+    rank i), node i with its own purr.py train arguments; returns their (returncode, stdout, stderr)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+                               "--nproc_per_node=1", "--rdzv_backend=static", "--master_addr=localhost",
+                               f"--master_port={port}", "purr.py", "train", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for i, args in enumerate(node_args)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, *o) for p, o in zip(procs, outs)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def two_results_folders(tmp_path_factory):
+    """Two nodes' own results folders: node 0's newest checkpoint is at step 6, node 1's at step 3."""
+    root = tmp_path_factory.mktemp("nodes")
+    run = train_cli(root / "node0", "--steps", "6", "--ckpt-every", "3", quick=True)
+    shutil.copytree(root / "node0", root / "node1")
+    os.remove(os.path.join(str(root / "node1"), os.path.relpath(run, root / "node0"), "checkpoints",
+                           "0000006.pt"))
+    return root
+
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_resume_on_two_nodes_takes_rank_0s_newest_checkpoint(two_results_folders, tmp_path):
+    """--resume with no path: rank 0 picks the newest checkpoint and every rank loads that one, not its own
+    node's newest; both resume at step 6 and train together to step 9."""
+    root = two_results_folders
+    common = ["--resume", "--steps", "9", "--num-workers", "0"]
+    shutil.copytree(root, tmp_path / "nodes")
+    results = two_nodes(tmp_path, [[*common, "--results-dir", str(tmp_path / "nodes" / f"node{i}")]
+                                   for i in (0, 1)])
+    assert [rc for rc, _, _ in results] == [0, 0], results[0][2][-1500:] + results[1][2][-1500:]
+    assert "resumed at step 6" in results[0][1]
+    assert final_state(tmp_path / "nodes" / "node0")["step"] == 9
+
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_resume_on_two_nodes_that_read_different_steps_stops_both_with_one_line(two_results_folders):
+    """A --resume path whose file differs between the nodes (each its own disk): every rank stops at once,
+    with one line that says where checkpoints must be."""
+    paths = [appendix.checkpoint_paths(str(two_results_folders / f"node{i}"))[-1] for i in (0, 1)]
+    results = two_nodes(two_results_folders, [["--resume", p, "--num-workers", "0"] for p in paths])
+    for rc, out, err in results:
+        assert rc != 0 and re.search(r"^purr train: error: --resume .*the ranks read different steps from it "
+                                     r".*filesystem that every node sees$", err, re.M), err[-2000:]
+
+
 # Checkpoints: a failed or bad save never replaces a good checkpoint.
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -1448,8 +1556,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     def half_save(obj, f, *args, **kwargs):
         real(obj, f, *args, **kwargs)
-        with open(f, "r+b") as fh:
-            fh.truncate(os.path.getsize(f) // 2)
+        f.truncate(f.tell() // 2)
         raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file "
                            "data/0")
     monkeypatch.setattr(torch, "save", half_save)
@@ -1458,6 +1565,86 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             appendix.save_checkpoint({"step": 2, "big": torch.zeros(1000)}, path)
         assert sorted(os.listdir(tmp_path)) == ["0000001.pt"]
         assert torch.load(first, weights_only=True) == {"step": 1}
+
+
+def test_a_save_reaches_the_disk_before_the_rename_and_old_checkpoints_go_only_after(tmp_path, monkeypatch):
+    """A node lost right after a save must not leave a renamed but empty file: the file is flushed to disk
+    (fsync) before the rename, the folder after it, and only then is --keep's pruning done."""
+    for step in (1, 2):
+        appendix.save_checkpoint({"step": step}, str(tmp_path / f"{step:07d}.pt"))
+    events, real = [], {name: getattr(os, name) for name in ("fsync", "replace", "remove")}
+
+    def record(name):
+        def call(*args):
+            what = os.readlink(f"/proc/self/fd/{args[0]}") if name == "fsync" else os.path.basename(args[0])
+            events.append((name, os.path.basename(what)))
+            return real[name](*args)
+        return call
+    for name in real:
+        monkeypatch.setattr(os, name, record(name))
+    appendix.save_checkpoint({"step": 3}, str(tmp_path / "0000003.pt"), keep=2)
+    assert events == [("fsync", "0000003.pt.tmp"), ("replace", "0000003.pt.tmp"), ("fsync", tmp_path.name),
+                      ("remove", "0000001.pt")]
+    assert torch.load(tmp_path / "0000003.pt", weights_only=True) == {"step": 3}
+
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_dist_timeout_is_how_long_the_other_ranks_wait_for_a_save(tmp_path):
+    """While rank 0 writes a checkpoint the other ranks wait in the next collective: the process group's
+    timeout is --dist-timeout (minutes, long by default). A save of 8 s kills a run whose timeout is 3 s,
+    and not one whose timeout is 1 minute."""
+    slow = tmp_path / "slow_save.py"
+    slow.write_text(f"""import sys, time
+sys.path.insert(0, {HERE!r})
+import appendix, purr
+real = appendix.save_checkpoint
+appendix.save_checkpoint = lambda *a, **kw: (time.sleep(8), real(*a, **kw))[1]
+purr.main()
+""")
+    common = ["train", "--steps", "1", "--global-batch-size", "4", "--demo-size", "100", "--num-workers", "0"]
+    torchrun(2, *common, "--dist-timeout", "1", "--results-dir", str(tmp_path / "a"), script=str(slow))
+    with pytest.raises(AssertionError, match="(?i)timed? ?out"):
+        torchrun(2, *common, "--dist-timeout", "0.05", "--results-dir", str(tmp_path / "b"), script=str(slow))
+
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_train_lets_go_of_the_checkpoint_it_resumed_from(tmp_path, monkeypatch):
+    """XL/2's checkpoint (weights, EMA, AdamW state) is ~12 GB of host memory per process: once restored,
+    nothing refers to its weights any more."""
+    train_cli(tmp_path, "--steps", "1", quick=True)
+    refs, held, real_load, real_step = [], [], purr.load_checkpoint, purr.train_step
+
+    def load(path):
+        ckpt = real_load(path)
+        refs.extend(weakref.ref(v) for part in ("model", "ema") for v in ckpt[part].values())
+        return ckpt
+
+    def step(*args, **kw):
+        gc.collect()
+        held.append(sum(r() is not None for r in refs))
+        return real_step(*args, **kw)
+    monkeypatch.setattr(purr, "load_checkpoint", load)
+    monkeypatch.setattr(purr, "train_step", step)
+    train_cli(tmp_path, "--steps", "2", "--resume", quick=True)
+    assert len(refs) > 10 and held == [0]
+
+
+def test_torchrun_with_one_process_sets_up_the_process_group_and_ddp(tmp_path, monkeypatch, capsys):
+    """Under torchrun (RANK in the environment) the process group is set up, one process included, and the
+    model trains in DDP: `torchrun --nproc_per_node=1` on a GPU runs NCCL and DDP as 8 processes do."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    models, real_step = [], purr.train_step
+    monkeypatch.setattr(purr, "train_step", lambda model, *a, **kw: (models.append(type(model).__name__),
+                                                                     real_step(model, *a, **kw))[1])
+    train_cli(tmp_path, "--steps", "1", quick=True)
+    assert models == ["DistributedDataParallel"] and not torch.distributed.is_initialized()
+    assert "1 process(es) (gloo, DDP) x 1 micro-batch(es)" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # trains or starts torchrun
