@@ -3640,7 +3640,7 @@ def test_miniature_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     miniature.main(["--smoke", "--seeds", "0", "1", "--steps", "4", "--eval-every", "2", "--work",
                     str(tmp_path / "runs"), "--out", str(out), "--classifier", str(tmp_path / "clf.pt")])
-    names = ("convergence", "steps", "guidance", "temperature", "tau_schedule", "learning_rate")
+    names = ("convergence", "steps", "guidance", "cfg_interval", "temperature", "tau_schedule", "learning_rate")
     tables = {name: list(csv.DictReader(open(out / f"miniature_{name}.csv"))) for name in names}
     conv = [r for r in tables["convergence"] if r["seed"]]
     assert {(r["seed"], r["objective"], r["step"]) for r in conv} == {
@@ -3653,6 +3653,29 @@ def test_miniature_runs_end_to_end(tmp_path):
     assert {r["commit"] for t in tables.values() for r in t} == {miniature.COMMIT}
     assert {r["num_steps"] for r in tables["steps"] if r["method"] == "euler"} == {"2", "4"}
     assert {r["train_steps"] for r in tables["temperature"]} == {"4", "8"}
+    scales = {(float(r["cfg_scale"]), float(r["fd"])) for r in tables["guidance"]}
+    best = {float(r["cfg_scale"]) for r in tables["cfg_interval"]}
+    assert len(best) == 1 and {(float(r["lo"]), float(r["hi"])) for r in tables["cfg_interval"]} == set(
+        miniature.CFG_INTERVALS) and best <= {s for s, _ in scales}
+    # at [0, 1] the interval is guidance everywhere: the guidance table's numbers at that scale
+    full = [r for r in tables["cfg_interval"] if (float(r["lo"]), float(r["hi"])) == (0.0, 1.0)]
+    assert {(r["seed"], r["fd"]) for r in full} == {(r["seed"], r["fd"]) for r in tables["guidance"]
+                                                    if float(r["cfg_scale"]) in best}
     assert all(float(r["fd"]) > 0 for t in tables.values() for r in t)
     for name in ("convergence", "steps", "guidance", "temperature", "tau_grid"):
         assert Image.open(out / f"miniature_{name}.png").size[0] > 100
+
+
+@pytest.mark.slow  # trains or starts torchrun
+def test_gpu_check_runs_its_reduced_cpu_version_with_every_row_ok(tmp_path):
+    """benchmarks/gpu_check.sh, the acceptance run for a GPU machine (bench, NCCL and DDP under torchrun,
+    extract, a token folder with workers, accumulation, checkpointing and compile, --sample-every grids,
+    SIGTERM and resume, sample --fid-ref), in its reduced CPU version: so it cannot rot between GPU runs."""
+    proc = subprocess.run(["bash", os.path.join(HERE, "benchmarks", "gpu_check.sh"), str(tmp_path)], cwd=HERE,
+                          capture_output=True, text=True, timeout=1500, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [line.split("|")[1:4] for line in proc.stdout.splitlines()[2:]]
+    assert len(rows) == 10 and all(status.strip().startswith("ok") for _, status, _ in rows), proc.stdout
+    result = dict((name.strip(), text.strip()) for name, _, text in rows)
+    assert "1 process(es) (gloo, DDP)" in result["torchrun 1 process, 10 steps"]
+    assert result["SIGTERM to torchrun, resume"].startswith("SIGTERM at step")
+    assert re.match(r"FID\b", result["sample --fid-ref, random Inception"])

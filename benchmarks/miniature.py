@@ -52,6 +52,7 @@ TAUS = [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5]
 GRID_TAUS = [0.1, 0.3, 0.5, 0.8, 0.9, 1.0, 1.5]
 SWEEP_STEPS = [4, 8, 16, 32, 64, 100]
 CFG_SCALES = [1.0, 1.3, 1.5, 2.0, 3.0]
+CFG_INTERVALS = [(0.0, 1.0), (0.2, 1.0), (0.0, 0.7), (0.2, 0.7), (0.4, 1.0)]  # t in [LO, HI]; t = 0 is noise
 LRS = [1e-3, 3e-3, 1e-2]
 SCHEDULES = [(0.5, 1.0), (1.0, 0.5), (0.7, 1.3), (1.3, 0.7)]  # linear tau(t): (tau at t = 0, tau at t = 1)
 COLORS = {"purr": "tab:red", "cfm": "tab:blue", "cfm-endpoint": "tab:cyan", "dfm": "tab:green",
@@ -394,15 +395,26 @@ def steps_sweep(a, clf, finals, sweep, out):
 
 
 def guidance_and_schedules(a, clf, finals, best_tau, out):
-    """purr at CFG scales (tau at its best), and linear tau(t) schedules against the best constant tau."""
-    rows, sched = [], []
+    """purr at CFG scales (tau at its best); at the best scale (mean FD over seeds), guidance in limited
+    intervals of t, with the sampling time; linear tau(t) schedules against the best constant tau."""
+    rows, sched, intervals = [], [], []
     for seed in a.seeds:
-        sampler = finals[seed, "purr"]
         for s in CFG_SCALES:
-            fd, acc, _, _ = evaluate(sampler, clf, best_tau, a.num_samples, a.eval_steps, cfg_scale=s)
+            fd, acc, _, _ = evaluate(finals[seed, "purr"], clf, best_tau, a.num_samples, a.eval_steps,
+                                     cfg_scale=s)
             rows.append({"seed": seed, "tau": best_tau, "cfg_scale": s, "fd": round(fd, 3),
                          "accuracy": round(acc, 4)})
             print(rows[-1], flush=True)
+    scale_fd = grouped(rows, "cfg_scale", "fd", by="tau")[best_tau]
+    best_scale = scale_fd[0][scale_fd[1].index(min(scale_fd[1]))]
+    for seed in a.seeds:
+        sampler = finals[seed, "purr"]
+        for lo, hi in CFG_INTERVALS:
+            fd, acc, secs, _ = evaluate(sampler, clf, best_tau, a.num_samples, a.eval_steps,
+                                        cfg_scale=purr.cfg_interval(best_scale, (lo, hi)))
+            intervals.append({"seed": seed, "tau": best_tau, "cfg_scale": best_scale, "lo": lo, "hi": hi,
+                              "fd": round(fd, 3), "accuracy": round(acc, 4), "s_per_100": round(secs, 3)})
+            print(intervals[-1], flush=True)
         for start, end in [(best_tau, best_tau)] + SCHEDULES:
             name = (f"constant {best_tau}" if (start, end) == (best_tau, best_tau)
                     else f"linear {start} -> {end}")
@@ -412,6 +424,7 @@ def guidance_and_schedules(a, clf, finals, best_tau, out):
                           "fd": round(fd, 3), "accuracy": round(acc, 4)})
             print(sched[-1], flush=True)
     write_csv(out("guidance.csv"), rows)
+    write_csv(out("cfg_interval.csv"), intervals)
     write_csv(out("tau_schedule.csv"), sched)
     for r in rows:
         r["curve"] = f"purr, tau {best_tau}"
