@@ -1189,7 +1189,8 @@ def test_bad_sample_arguments_give_one_line_errors(tiny_ckpt, tmp_path):
     assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--num-steps", "0"), "--num-steps")
     assert_one_line_error(run_cli("sample", "--ckpt", str(tmp_path / "nope.pt")), "nope.pt", "not found")
     assert_one_line_error(run_cli("sample", "--results-dir", str(tmp_path / "empty")), "no checkpoint")
-    assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--cfg-interval", "0.9", "0.1"), "--cfg-interval")
+    assert_one_line_error(run_cli("sample", "--ckpt", tiny_ckpt, "--cfg-interval", "0.9", "0.1"),
+                          "--cfg-interval")
 
 
 # --- Long runs: several processes, resume, signals, checkpoints, images, extract, bench, precision ----------
@@ -1496,9 +1497,9 @@ def two_nodes(tmp_path, node_args, timeout=180):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
-                               "--nproc_per_node=1", "--rdzv_backend=static", "--master_addr=localhost",
-                               f"--master_port={port}", "purr.py", "train", *args],
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                               f"--node_rank={i}", "--nproc_per_node=1", "--rdzv_backend=static",
+                               "--master_addr=localhost", f"--master_port={port}", "purr.py", "train", *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for i, args in enumerate(node_args)]
     try:
@@ -3640,7 +3641,8 @@ def test_miniature_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     miniature.main(["--smoke", "--seeds", "0", "1", "--steps", "4", "--eval-every", "2", "--work",
                     str(tmp_path / "runs"), "--out", str(out), "--classifier", str(tmp_path / "clf.pt")])
-    names = ("convergence", "steps", "guidance", "cfg_interval", "temperature", "tau_schedule", "learning_rate")
+    names = ("convergence", "steps", "guidance", "cfg_interval", "temperature", "tau_schedule",
+             "learning_rate")
     tables = {name: list(csv.DictReader(open(out / f"miniature_{name}.csv"))) for name in names}
     conv = [r for r in tables["convergence"] if r["seed"]]
     assert {(r["seed"], r["objective"], r["step"]) for r in conv} == {
@@ -3672,7 +3674,8 @@ def test_gpu_check_runs_its_reduced_cpu_version_with_every_row_ok(tmp_path):
     extract, a token folder with workers, accumulation, checkpointing and compile, --sample-every grids,
     SIGTERM and resume, sample --fid-ref), in its reduced CPU version: so it cannot rot between GPU runs."""
     proc = subprocess.run(["bash", os.path.join(HERE, "benchmarks", "gpu_check.sh"), str(tmp_path)], cwd=HERE,
-                          capture_output=True, text=True, timeout=1500, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = [line.split("|")[1:4] for line in proc.stdout.splitlines()[2:]]
     assert len(rows) == 10 and all(status.strip().startswith("ok") for _, status, _ in rows), proc.stdout
     result = dict((name.strip(), text.strip()) for name, _, text in rows)
