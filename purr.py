@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import time
 import types
 
 import numpy as np
@@ -1252,7 +1253,7 @@ def bench(args):
     ms = timed(device, args.warmup, args.steps, lambda n: [step(fast) for _ in range(n)], per_call=True)
     tflops = counter.get_total_flops() / ms / 1e9
     peak = peak_tflops(where, args.precision) if device.type == "cuda" else None
-    outside = 100 * (1 - matmul_ms(device, lambda: step(fast)) / ms)
+    outside = 100 * (1 - matmul_share(device, lambda: step(fast)))
     print(f"{head}: {ms:.1f} ms/step, {1000 * B / ms:.1f} img/s, {counter.get_total_flops() / 1e12:.3g} "
           f"TFLOP/step, {tflops:.3g} TFLOP/s{f', MFU {100 * tflops / peak:.1f}%' if peak else ''}, "
           f"{outside:.0f}% of the step outside matrix multiplies, {peak_memory(device)}")
@@ -1261,17 +1262,20 @@ def bench(args):
 MATMUL = re.compile(r"aten::.*(mm|conv|attention)")  # mm, addmm, bmm, convolutions, attention, and backward
 
 
-def matmul_ms(device, run, n=3):
-    """Milliseconds per run() in matrix multiplies, from the profiler (device time on CUDA)."""
+def matmul_share(device, run, n=3):
+    """The fraction of n profiled run()s' wall time spent in matrix multiplies (device time on CUDA): one
+    measurement for both, so a busy machine cannot put it outside [0, 1]."""
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
     with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for _ in range(n):
             run()
         if cuda:
             torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return sum(getattr(e, key) for e in prof.key_averages() if MATMUL.match(e.key)) / 1000 / n
+    return sum(getattr(e, key) for e in prof.key_averages() if MATMUL.match(e.key)) / wall_us
 
 
 # ----------------------------------------------------------------------------------------------
