@@ -3666,6 +3666,12 @@ def test_miniature_runs_end_to_end(tmp_path):
     assert all(float(r["fd"]) > 0 for t in tables.values() for r in t)
     for name in ("convergence", "steps", "guidance", "temperature", "tau_grid"):
         assert Image.open(out / f"miniature_{name}.png").size[0] > 100
+    # a finished run is taken as it is by a later miniature; one with another setting trains
+    a = types.SimpleNamespace(work=str(tmp_path / "runs"), model="N/2", demo_size=200)
+    folder = tmp_path / "runs" / "dfm-N2-lr0.01-0"
+    assert miniature.train_run(a, "dfm", 0, 4, 2, 1e-2) == str(folder / "000-N-2")
+    assert sorted(os.listdir(folder)) == ["000-N-2"]
+    assert miniature.train_run(a, "dfm", 0, 4, 4, 1e-2) == str(folder / "001-N-2")
 
 
 @pytest.mark.slow  # trains or starts torchrun

@@ -85,12 +85,20 @@ def evaluate(sampler, clf, tau, n, num_steps, method="euler", cfg_scale=1.0, z0=
 
 
 def train_run(a, objective, seed, steps, eval_every, lr, resume=None):
-    """`purr.py train` with the demo's defaults but --model and --lr -> the run folder."""
+    """`purr.py train` with the demo's defaults but --model and --lr -> the run folder. A run with these
+    settings that reached `steps` under a.work (an earlier or interrupted miniature) is taken as it is:
+    training is deterministic, so a re-run would give the same weights."""
+    folder = os.path.join(a.work, f"{objective}-{a.model.replace('/', '')}-lr{lr:g}-{seed}")
     flags = ["train", "--objective", objective, "--seed", str(seed), "--steps", str(steps),
              "--demo-size", str(a.demo_size), "--ckpt-every", str(eval_every), "--log-every", str(eval_every),
-             "--model", a.model, "--lr", str(lr),
-             "--results-dir", os.path.join(a.work, f"{objective}-{a.model.replace('/', '')}-lr{lr:g}-{seed}")]
+             "--model", a.model, "--lr", str(lr), "--results-dir", folder]
     args = purr.parser().parse_args(flags + (["--resume", resume] if resume else []))
+    for path in sorted(glob.glob(os.path.join(folder, "*", "checkpoints", f"{steps:07d}.pt"))):
+        saved = purr.saved_settings(purr.load_checkpoint(path))
+        if all(saved[k] == getattr(args, k) for k in ("objective", "seed", "steps", "demo_size", "ckpt_every",
+                                                       "model", "lr")):
+            print(f"{path}: trained by an earlier run with these settings", flush=True)
+            return os.path.dirname(os.path.dirname(path))
     return purr.train(args)
 
 
