@@ -16,9 +16,9 @@
   tau grid (Fig. 4)     the same noise and labels across tau.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/miniature.py --seeds 0 1 2   # -> benchmarks/results/miniature_*.{csv,png}
+    python benchmarks/miniature.py --steps 1800    # benchmarks/README.md's tables (3 seeds, ~85 min on 2 cores)
     python benchmarks/miniature.py --model N/4 --out benchmarks/results/n4   # the demo's model
-    python benchmarks/miniature.py --quick         # every part, 2 seeds, 1/4 of the steps: < 10 min
+    python benchmarks/miniature.py --quick         # every part, 2 seeds, 1/10 of the steps: < 10 min
                                                    # -> results/miniature-quick
     python benchmarks/miniature.py --objectives dfm --seeds 0 --steps 1800
                                                    # re-run some rows into the tables
@@ -61,7 +61,7 @@ PRESETS = {  # what --quick and --smoke shrink
     "full": dict(num_samples=500, demo_size=10000, longer=(2, 4), sweep=SWEEP_STEPS, eval_steps=32, taus=TAUS,
                  classifier={}, lrs=LRS),
     "quick": dict(num_samples=200, demo_size=10000, longer=(2,), sweep=[4, 16, 32], eval_steps=32,
-                  taus=[0.5, 0.8, 1.0, 1.2], classifier={}, seeds=[0, 1], steps_div=4, lrs=[3e-3]),
+                  taus=[0.5, 0.8, 1.0], classifier={}, seeds=[0, 1], steps_div=10, lrs=[3e-3], checkpoints=3),
     "smoke": dict(num_samples=20, demo_size=200, longer=(2,), sweep=[2, 4], eval_steps=2, taus=[0.5, 1.0],
                   classifier=dict(n=400, epochs=1, n_ref=200), lrs=[3e-3, 1e-2]),
 }
@@ -284,9 +284,9 @@ def main(argv=None):
                    help=f"learning rates tried for each objective (default: {' '.join(map(str, LRS))}; "
                         "--quick: 3e-3); one value: no sweep")
     p.add_argument("--eval-every", type=int,
-                   help="checkpoint and evaluate every N steps (default: steps / 5)")
+                   help="checkpoint and evaluate every N steps (default: steps / 5; --quick: steps / 3)")
     p.add_argument("--quick", action="store_true",
-                   help="every part in < 10 min: 2 seeds, 1/4 of the steps, fewer points")
+                   help="every part in < 10 min: 2 seeds, 1/10 of the steps, fewer points")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny end-to-end configuration (seconds), for the tests")
     p.add_argument("--work", default="results/miniature", help="run folders (checkpoints)")
@@ -306,7 +306,7 @@ def main(argv=None):
     a.seeds = a.seeds or preset.get("seeds", [0, 1, 2])
     a.out = a.out or (RESULTS if preset is PRESETS["full"] else os.path.join("results", "miniature-quick"))
     a.steps = a.steps or purr.DEMO["steps"] // preset.get("steps_div", 1)
-    a.eval_every = a.eval_every or max(1, a.steps // 5)
+    a.eval_every = a.eval_every or max(1, a.steps // preset.get("checkpoints", 5))
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
     clf = load_classifier(a.classifier, **preset["classifier"])
